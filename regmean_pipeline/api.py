@@ -1,0 +1,172 @@
+"""In-process RegMean, in the style FusionBench users know: ``RegMean(...).run(models, data)``.
+
+It runs the same gram accumulation, planner and executor as the ``stats`` and ``merge`` stages;
+only the caches stay in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import InMemoryGrams
+from .config import load_config, parse_config
+from .data import DatasetSpec, make_loader
+from .errors import RegMeanError
+from .executor import execute_merge
+from .gram import collect_grams
+from .manifest import manifest_from_stats
+from .models import architecture_of, forward_inputs, parse_dtype, resolve_device, tied_parameter_names
+from .plan import Candidate, MergeSettings, plan_merge
+from .weights import StateDictWeights, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class RegMean:
+    """Merge fine-tuned models of one architecture with RegMean, all in memory.
+
+    Keys and defaults follow FusionBench's RegMean algorithms (``num_regmean_examples=256``,
+    ``reduce_non_diagonal_ratio``, ``exclude_param_names_regex``, ``batch_size``, ``num_workers``);
+    ``weight_transpose`` is accepted and ignored, since orientation is read from the module type.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_regmean_examples: int = 256,
+        reduce_non_diagonal_ratio: float = 0.95,
+        exclude_param_names_regex: Sequence[str] = (),
+        weight_transpose: bool | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        include_padding: bool = False,
+        gram_weighting: str = "equal",
+        accumulate_dtype: str = "float32",
+        solve_dtype: str = "float32",
+        max_length: int | None = None,
+        seed: int = 0,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.num_examples = num_regmean_examples
+        self.settings = MergeSettings(reduce_non_diagonal_ratio, gram_weighting, list(exclude_param_names_regex),
+                                      parse_dtype(solve_dtype, "solve_dtype"))
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.include_padding = include_padding
+        self.accumulate_dtype = accumulate_dtype
+        self.max_length, self.seed = max_length, seed
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.report: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, config: str | Path | Mapping[str, Any], **overrides: Any) -> RegMean:
+        """Build from a FusionBench-style YAML file or dict (same keys as configs/)."""
+        options = load_config(config) if isinstance(config, (str, Path)) else parse_config(dict(config), "config")
+        renamed = {"exclude": "exclude_param_names_regex", "num_examples": "num_regmean_examples"}
+        kwargs = {renamed.get(key, key): value for key, value in options.items() if key not in ("cache_dir", "format")}
+        kwargs.pop("dtype", None)
+        return cls(**{**kwargs, **overrides})
+
+    def run(
+        self,
+        models: Mapping[str, nn.Module] | Sequence[nn.Module],
+        data: Mapping[str, Any] | Sequence[Any],
+        *,
+        preprocessors: Mapping[str, Any] | Any | None = None,
+        coefficients: Mapping[str, float] | None = None,
+        base: nn.Module | None = None,
+    ) -> nn.Module:
+        """Return a new merged model (a copy of the first, or of ``base``, with merged weights).
+
+        ``data[name]`` is either an iterable of model-ready batches (dicts of tensors, e.g. a
+        DataLoader) or raw examples (a ``datasets.Dataset`` or a list of strings) together with
+        ``preprocessors[name]`` (or one shared tokenizer / image processor).
+        """
+        models = dict(models) if isinstance(models, Mapping) else {f"model_{i}": m for i, m in enumerate(models)}
+        data = dict(data) if isinstance(data, Mapping) else dict(zip(models, data))
+        if set(data) != set(models):
+            raise RegMeanError(f"data is given for {sorted(data)} but the models are {sorted(models)}")
+        coefficients = dict(coefficients or {})
+        candidates = []
+        for name, model in models.items():
+            batches = self._batches(name, model, data[name], preprocessors)
+            candidates.append(self._candidate(name, model, batches, coefficients.get(name, 1.0)))
+        plan = plan_merge(candidates, self.settings, base=self._weights(base) if base is not None else None)
+        merged_state: dict[str, torch.Tensor] = {}
+        result = execute_merge(plan, candidates, self.settings, merged_state.__setitem__, device=self.device,
+                               base=self._weights(base) if base is not None else None, progress=self.progress)
+        self.report = {"layers": result["layers"], "averaged": plan.averaged, "copied": plan.copied,
+                       "timings": result["timings"]}
+        merged = copy.deepcopy(base if base is not None else next(iter(models.values())))
+        missing, unexpected = merged.load_state_dict(merged_state, strict=False)
+        untied = set(missing) - tied_parameter_names(merged)
+        if untied or unexpected:  # a bug, not a user error
+            raise RuntimeError(f"merged state does not fit the model: missing {sorted(untied)[:3]}, "
+                               f"unexpected {sorted(unexpected)[:3]}")
+        return merged
+
+    @staticmethod
+    def _weights(model: nn.Module) -> StateDictWeights:
+        return StateDictWeights({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+    def _candidate(self, name: str, model: nn.Module, batches: Iterable, coefficient: float) -> Candidate:
+        original = next(model.parameters()).device
+        model.to(self.device)
+        try:
+            stats = collect_grams(model, batches, device=self.device, include_padding=self.include_padding,
+                                  accumulate_dtype=parse_dtype(self.accumulate_dtype, "accumulate_dtype"))
+        finally:
+            model.to(original)
+        stats = stats.without_weights(tied_parameter_names(model))
+        weights = self._weights(model)
+        manifest = manifest_from_stats(
+            stats, model={"reference": name, "architecture": architecture_of(model.config) if hasattr(model, "config")
+                          else type(model).__name__, "fingerprint": fingerprint(weights)},
+            dataset={"in_memory": True}, storage="memory", forward_dtype=str(next(model.parameters()).dtype),
+            accumulate_dtype=self.accumulate_dtype, include_padding=self.include_padding)
+        return Candidate(name, InMemoryGrams(manifest, stats.sums), weights, coefficient, where=f"<memory:{name}>")
+
+    def _batches(self, name: str, model: nn.Module, source: Any, preprocessors: Any) -> Iterator[dict]:
+        """The first num_regmean_examples examples of ``source`` as model-ready batches."""
+        import datasets
+
+        if isinstance(source, (list, tuple)) and source and isinstance(source[0], str):
+            source = datasets.Dataset.from_dict({"text": list(source)})
+        if isinstance(source, datasets.Dataset):
+            preprocessor = preprocessors.get(name) if isinstance(preprocessors, Mapping) else preprocessors
+            if preprocessor is None:
+                raise RegMeanError(f"data[{name!r}] is raw examples: pass preprocessors= (a tokenizer or image processor)")
+            images = not hasattr(preprocessor, "pad_token")
+            spec = DatasetSpec("<memory>", num_examples=self.num_examples, seed=self.seed, max_length=self.max_length,
+                               image_column=next((c for c in ("image", "img") if c in source.column_names), None)
+                               if images else None,
+                               text_column=None if images else next((c for c in ("text", "sentence")
+                                                                      if c in source.column_names), None))
+            if (spec.image_column if images else spec.text_column) is None:
+                raise RegMeanError(f"data[{name!r}]: no text/sentence (or image) column in {source.column_names}")
+            examples = source.shuffle(seed=self.seed).select(range(min(self.num_examples, len(source))))
+            source = make_loader(examples, preprocessor, spec, accepted=forward_inputs(model), config=model.config,
+                                 batch_size=self.batch_size, num_workers=self.num_workers)
+        return _first_examples(source, self.num_examples)
+
+
+def _first_examples(batches: Iterable[Mapping[str, torch.Tensor]], limit: int) -> Iterator[dict]:
+    taken = 0
+    for batch in batches:
+        if taken >= limit:
+            return
+        batch = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+        size = len(next(iter(batch.values())))
+        if taken + size > limit:
+            batch = {k: v[: limit - taken] for k, v in batch.items()}
+            size = limit - taken
+        taken += size
+        yield batch

@@ -1,0 +1,151 @@
+"""Gram caches on disk: a manifest.json beside a zarr v3 group or one safetensors file.
+
+Each Gram is stored as a sum (not a mean), packed to its upper triangle. Its checksum covers the
+gram key, token count, dtype and values, so an edited manifest and a flipped byte are both caught
+when the Gram is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RegMeanError
+from .manifest import GramEntry, Manifest, read_manifest
+from .safetensors_io import SafetensorsFileWriter, TensorSpec
+from .symmetric import pack_upper, packed_length, unpack_upper
+
+log = logging.getLogger(__name__)
+
+GRAM_FILES = {"zarr": "grams.zarr", "safetensors": "grams.safetensors"}
+ZARR_CHUNK_ELEMENTS = 1 << 23  # 32 MiB float32 chunks: few files, reads still partial
+
+
+def gram_checksum(key: str, tokens: int, packed: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{key}\n{tokens}\n{packed.dtype.str}\n{packed.size}\n".encode())
+    digest.update(memoryview(np.ascontiguousarray(packed)).cast("B"))
+    return "sha256:" + digest.hexdigest()
+
+
+def write_cache(
+    folder: Path,
+    manifest: Manifest,
+    sums: Mapping[str, torch.Tensor],
+) -> Manifest:
+    """Write every Gram of ``sums`` (keys and tokens already in ``manifest.grams``), then the manifest.
+
+    The manifest goes last: a folder without one is never a cache.
+    """
+    folder = Path(folder)
+    dtype = getattr(torch, manifest.accumulate_dtype)
+    specs = [TensorSpec(key, dtype, (packed_length(entry.dim),)) for key, entry in manifest.grams.items()]
+    path = folder / GRAM_FILES[manifest.storage]
+    if manifest.storage == "safetensors":
+        sink = SafetensorsFileWriter(path, specs, metadata={"format": "regmean-stats"})
+    else:
+        import zarr
+
+        group = zarr.open_group(str(path), mode="w-")
+    try:
+        for spec in specs:
+            packed = pack_upper(sums[spec.name].to(dtype)).cpu()
+            entry = manifest.grams[spec.name]
+            entry.checksum = gram_checksum(spec.name, entry.tokens, packed.numpy())
+            if manifest.storage == "safetensors":
+                sink.write(spec.name, packed)
+            else:
+                chunk = min(spec.shape[0], ZARR_CHUNK_ELEMENTS)
+                array = group.create_array(spec.name, shape=spec.shape, dtype=packed.numpy().dtype,
+                                           chunks=(chunk,), compressors=None, fill_value=0)
+                array[...] = packed.numpy()
+        if manifest.storage == "safetensors":
+            sink.close()
+    except BaseException:
+        if manifest.storage == "safetensors":
+            sink.abort()
+        raise
+    manifest.write(folder)
+    return manifest
+
+
+class GramCache:
+    """A finished cache folder, read lazily one Gram at a time."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.path = self.folder / GRAM_FILES[self.manifest.storage]
+        if not self.path.exists():
+            raise RegMeanError(f"{self.path}: missing; the cache in {self.folder} is incomplete")
+        self._store = None
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    def _open(self):
+        if self._store is None:
+            try:
+                if self.manifest.storage == "zarr":
+                    import zarr
+
+                    self._store = zarr.open_group(str(self.path), mode="r")
+                else:
+                    from safetensors import safe_open
+
+                    self._store = safe_open(str(self.path), framework="np")
+            except Exception as exc:  # damaged file: say which
+                raise RegMeanError(f"{self.path}: cannot open ({exc})") from None
+        return self._store
+
+    def read_packed(self, key: str) -> np.ndarray:
+        """The packed Gram sum, after checking shape and dtype against the manifest, then its checksum."""
+        entry: GramEntry = self.manifest.grams[key]
+        where = f"{self.path} (gram {key})"
+        length = packed_length(entry.dim)
+        dtype = np.dtype(self.manifest.accumulate_dtype)
+        store = self._open()
+        try:
+            if self.manifest.storage == "zarr":
+                array = store[key]
+                shape, stored = tuple(array.shape), np.dtype(array.dtype)
+            else:
+                view = store.get_slice(key)
+                shape, stored = tuple(view.get_shape()), np.dtype(_NP_DTYPES.get(view.get_dtype(), "V"))
+        except KeyError:
+            raise RegMeanError(f"{where}: array missing") from None
+        except Exception as exc:
+            raise RegMeanError(f"{where}: unreadable ({exc})") from None
+        if shape != (length,) or stored != dtype:
+            raise RegMeanError(f"{where}: stored as {stored}{list(shape)}, manifest says {dtype}[{length}]")
+        try:
+            values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.get_tensor(key))
+        except Exception as exc:
+            raise RegMeanError(f"{where}: unreadable ({exc})") from None
+        if gram_checksum(key, entry.tokens, values) != entry.checksum:
+            raise RegMeanError(f"{where}: checksum mismatch; the cache is damaged or was edited")
+        if not np.isfinite(values).all():
+            raise RegMeanError(f"{where}: holds NaN or Inf; recompute this candidate's stats")
+        return values
+
+    def read(self, key: str) -> torch.Tensor:
+        """The full symmetric (d, d) Gram sum."""
+        return unpack_upper(torch.from_numpy(self.read_packed(key)), self.manifest.grams[key].dim)
+
+
+_NP_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "V2"}
+
+
+class InMemoryGrams:
+    """Grams still in memory (the Python API): the same interface the merge reads caches through."""
+
+    def __init__(self, manifest: Manifest, sums: Mapping[str, torch.Tensor]):
+        self.manifest, self._sums = manifest, sums
+
+    def read_packed(self, key: str) -> torch.Tensor:
+        return pack_upper(self._sums[key]).cpu()

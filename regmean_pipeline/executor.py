@@ -1,0 +1,156 @@
+"""Run a merge plan: stream Grams and weights one batch at a time, solve on the device, emit tensors.
+
+Reading (disk, checksums) runs in a background thread one step ahead of the device work, and
+only one batch of one candidate is ever in flight, so memory is bounded by the plan's batch budget,
+not by the number of layers or candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from .linear import weight_from_in_out, weight_in_out
+from .plan import Candidate, MergePlan, MergeSettings, SolveBatch
+from .solve import reduce_off_diagonal_, solve_batch
+from .symmetric import unpack_upper
+from .weights import WeightSource
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[str, torch.Tensor], None]
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def prefetch(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> Iterator[tuple[T, R]]:
+    """Yield (item, load(item)) with loads running ahead in one background thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def producer() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                slots.put((item, load(item), None))
+        except BaseException as exc:  # re-raised in the consumer
+            slots.put((None, None, exc))
+            return
+        slots.put(None)
+
+    thread = threading.Thread(target=producer, name="regmean-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (entry := slots.get()) is not None:
+            item, loaded, error = entry
+            if error is not None:
+                raise error
+            yield item, loaded
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def _load(batch: SolveBatch, candidate: Candidate) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    grams = [torch.as_tensor(candidate.grams.read_packed(group.key)) for group in batch.groups]
+    weights = [
+        torch.cat([weight_in_out(candidate.weights.get(layer.weight), layer.transposed) for _, layer in group.layers], 1)
+        for group in batch.groups
+    ]
+    return grams, weights
+
+
+def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeSettings, sink: Sink, *,
+                  device: torch.device, base: WeightSource | None = None, progress: bool = True) -> dict:
+    """Solve every batch, average the rest, copy excluded tensors; returns the report's layers and timings."""
+    started = time.perf_counter()
+    dtype = settings.solve_dtype
+    first = candidates[0]
+    coefficient_sum = sum(c.coefficient for c in candidates)
+    report_layers: dict[str, dict] = {}
+    timings = {"wait_for_reads": 0.0, "solve": 0.0}
+    systems = tqdm(total=plan.num_systems, desc="merge: solve", unit="system", disable=not progress, leave=False)
+    work = [(batch, candidate) for batch in plan.batches for candidate in candidates]
+    wait_started = time.perf_counter()
+    matrix = rhs = anchor = target = None
+    for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item)):
+        timings["wait_for_reads"] += time.perf_counter() - wait_started
+        solve_started = time.perf_counter()
+        grams = torch.stack([unpack_upper(p.to(device, non_blocking=True), batch.dim) for p in packed]).to(dtype)
+        scale = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
+                             dtype=dtype, device=device)
+        grams.mul_(scale.view(-1, 1, 1))
+        reduce_off_diagonal_(grams, settings.reduce_non_diagonal_ratio)
+        stacked = torch.stack(weights).to(device, dtype, non_blocking=True)
+        if candidate is first:
+            # The first candidate anchors the solve: the others enter as differences from it.
+            matrix, anchor = grams, stacked
+            rhs = torch.zeros_like(anchor)
+            target = torch.zeros_like(anchor)
+        else:
+            matrix += grams
+            delta = stacked.sub_(anchor)
+            rhs.baddbmm_(grams, delta)
+            target.add_(delta, alpha=candidate.coefficient / coefficient_sum)
+        del grams, stacked
+        if candidate is candidates[-1]:
+            result = solve_batch(matrix, rhs, anchor, target)
+            for i, group in enumerate(batch.groups):
+                offset = 0
+                for name, layer in group.layers:
+                    columns = result.solution[i, :, offset:offset + layer.out_features]
+                    offset += layer.out_features
+                    out_dtype = first.weights.dtype(layer.weight)
+                    sink(layer.weight, weight_from_in_out(columns, layer.transposed).to("cpu", out_dtype))
+                    report_layers[name] = {
+                        "weight": layer.weight, "gram": group.key, "solver": result.solver[i],
+                        "condition_estimate": result.condition[i], "backward_error": result.backward_error[i],
+                    }
+            systems.update(len(batch.groups))
+            matrix = rhs = anchor = target = result = None
+        timings["solve"] += time.perf_counter() - solve_started
+        wait_started = time.perf_counter()
+    systems.close()
+
+    average_started = time.perf_counter()
+    for name in tqdm(plan.averaged, desc="merge: average", unit="tensor", disable=not progress, leave=False):
+        sink(name, average_parameter(name, candidates, coefficient_sum))
+    copy_source = base or first.weights
+    for name in plan.copied:
+        sink(name, copy_source.get(name))
+    timings["average_and_copy"] = time.perf_counter() - average_started
+    timings["total"] = time.perf_counter() - started
+    return {"layers": report_layers, "timings": timings}
+
+
+def _gram_scale(candidate: Candidate, candidates: list[Candidate], key: str, settings: MergeSettings) -> float:
+    """Equal weighting divides each sum by its own token count (FusionBench's mean); tokens, by the total."""
+    if settings.gram_weighting == "tokens":
+        tokens = sum(c.grams.manifest.grams[key].tokens for c in candidates)
+    else:
+        tokens = candidate.grams.manifest.grams[key].tokens
+    return candidate.coefficient / tokens
+
+
+def average_parameter(name: str, candidates: list[Candidate], coefficient_sum: float) -> torch.Tensor:
+    """The coefficient-weighted mean; integer buffers (position ids) are taken from the first candidate."""
+    first = candidates[0].weights.get(name)
+    if not (first.is_floating_point() or first.is_complex()):
+        return first
+    accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
+    total = torch.zeros(first.shape, dtype=accumulate)
+    for candidate in candidates:
+        total.add_(candidate.weights.get(name).to(accumulate), alpha=candidate.coefficient)
+    return total.div_(coefficient_sum).to(first.dtype)

@@ -1,0 +1,199 @@
+"""Gram accumulation: sum(x^T x) of the input of every linear layer, once per distinct input tensor."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import RegMeanError
+from .linear import LinearLayer, find_linear_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GramStats:
+    """One candidate's statistics: Gram sums (not means) and the rows that went into each."""
+
+    layers: dict[str, LinearLayer]  # module name -> layer, in module order
+    layer_grams: dict[str, str]  # module name -> gram key (layers fed one tensor share a key)
+    sums: dict[str, torch.Tensor]  # gram key -> (d, d) sum of x x^T
+    tokens: dict[str, int]  # gram key -> rows accumulated
+    examples: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def without_weights(self, weights: set[str]) -> GramStats:
+        """Drop the layers whose weight is one of ``weights`` (tied to an embedding, so not a free
+        parameter) and any Gram no remaining layer uses."""
+        names = {name for name, layer in self.layers.items() if layer.weight in weights}
+        layer_grams = {n: key for n, key in self.layer_grams.items() if n not in names}
+        # A dropped owner's Gram stays under its key while another layer still reads it.
+        keys = set(layer_grams.values())
+        return GramStats(
+            layers={n: layer for n, layer in self.layers.items() if n not in names},
+            layer_grams=layer_grams,
+            sums={key: total for key, total in self.sums.items() if key in keys},
+            tokens={key: count for key, count in self.tokens.items() if key in keys},
+            examples=self.examples,
+            extra=self.extra,
+        )
+
+
+class GramAccumulator:
+    """Forward pre-hooks on every linear layer that accumulate input Grams in place.
+
+    Layers fed the very same tensor object (q/k/v, gate/up) share one Gram. Sharing is found by
+    object identity while this pass holds a reference to every input it saw, so an id() cannot be
+    recycled by the allocator mid-pass; it is fixed on the first batch and checked on every later one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include_padding: bool = False,
+        accumulate_dtype: torch.dtype = torch.float32,
+        layers: Iterable[LinearLayer] | None = None,
+    ) -> None:
+        self.model = model
+        self.include_padding = include_padding
+        self.accumulate_dtype = accumulate_dtype
+        self.layers = {layer.name: layer for layer in (layers or find_linear_layers(model))}
+        self.examples = 0
+        self._key_of: dict[str, str] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
+        self._pass_inputs: dict[int, tuple[torch.Tensor, str]] = {}
+        self._mask: torch.Tensor | None = None
+        self._masks_by_device: dict[torch.device, torch.Tensor] = {}
+        self._handles: list = []
+        self._batches = 0
+
+    def __enter__(self) -> GramAccumulator:
+        modules = dict(self.model.named_modules())
+        for name in self.layers:
+            hook = functools.partial(self._on_input, name)
+            self._handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pass_inputs.clear()
+
+    @contextlib.contextmanager
+    def batch(self, attention_mask: torch.Tensor | None, num_examples: int) -> Iterator[None]:
+        """Wrap one forward pass; ``attention_mask`` marks the rows that count (None: all)."""
+        self._mask = None if self.include_padding or attention_mask is None else attention_mask.bool()
+        self._masks_by_device.clear()
+        try:
+            yield
+        finally:
+            self._pass_inputs.clear()
+            self._mask = None
+            self._masks_by_device.clear()
+        self._batches += 1
+        self.examples += num_examples
+        self._check_finite()
+
+    def _on_input(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen = self._pass_inputs.get(id(x))
+        if seen is not None and seen[0] is x:
+            key = self._key_of.setdefault(name, self._key_of[seen[1]])
+            if key != self._key_of[seen[1]]:
+                raise RegMeanError(
+                    f"layer {name}: its input is shared with {seen[1]} in batch {self._batches + 1} "
+                    "but was not in the first batch; the model's data flow changes between batches"
+                )
+            return
+        key = self._key_of.setdefault(name, name)
+        if key != name:
+            raise RegMeanError(
+                f"layer {name}: its input was shared with {key} in the first batch but not in batch "
+                f"{self._batches + 1}; the model's data flow changes between batches"
+            )
+        self._pass_inputs[id(x)] = (x, name)
+        self._accumulate(key, x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, d) view of the input, padded positions left out when a mask applies."""
+        mask = self._mask
+        if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            if mask.device != x.device:
+                mask = self._masks_by_device.setdefault(x.device, mask.to(x.device))
+            return x[mask].reshape(-1, x.shape[-1])
+        return x.reshape(-1, x.shape[-1])
+
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        rows = self._rows(x.detach()).to(self.accumulate_dtype)
+        total = self._sums.get(key)
+        if total is None:
+            dim = rows.shape[-1]
+            total = self._sums[key] = torch.zeros(dim, dim, dtype=self.accumulate_dtype, device=rows.device)
+            self._tokens[key] = 0
+        total.addmm_(rows.transpose(0, 1), rows)
+        self._tokens[key] += rows.shape[0]
+
+    def _check_finite(self) -> None:
+        if not self._sums:
+            return
+        # The diagonal holds sum(x_j^2): any NaN or Inf in an input lands there. One sync per batch.
+        sums = [total.diagonal().sum() for total in self._sums.values()]
+        diagonal_sums = torch.stack([s.to(sums[0].device) for s in sums])
+        if bool(torch.isfinite(diagonal_sums).all()):
+            return
+        for key, finite in zip(self._sums, torch.isfinite(diagonal_sums).tolist()):
+            if not finite:
+                raise RegMeanError(
+                    f"layer {key}: NaN or Inf in its input (batch {self._batches}); the weights hold "
+                    "non-finite values or the forward pass overflowed (try --dtype float32 or bfloat16)"
+                )
+
+    def result(self) -> GramStats:
+        seen = [name for name in self.layers if name in self._key_of]
+        unseen = [name for name in self.layers if name not in self._key_of]
+        if unseen:
+            log.info("%d linear layers never ran in the forward pass and get no Gram: %s",
+                     len(unseen), ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""))
+        return GramStats(
+            layers={name: self.layers[name] for name in seen},
+            layer_grams={name: self._key_of[name] for name in seen},
+            sums=dict(self._sums),
+            tokens=dict(self._tokens),
+            examples=self.examples,
+        )
+
+
+def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def collect_grams(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    device: torch.device | str,
+    include_padding: bool = False,
+    accumulate_dtype: torch.dtype = torch.float32,
+    progress=None,
+) -> GramStats:
+    """Run the model over the batches with the hooks on; the one loop shared by stats and the API."""
+    model.eval()
+    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype) as acc:
+        with torch.inference_mode():
+            for batch in batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                size = batch_size_of(batch)
+                with acc.batch(batch.get("attention_mask"), size):
+                    model(**batch)
+                if progress is not None:
+                    progress.update(size)
+        return acc.result()

@@ -1,0 +1,118 @@
+"""Loading a candidate with its own head, and its tokenizer or image processor, from one folder."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+from .errors import RegMeanError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def parse_dtype(name: str, where: str = "--dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise RegMeanError(f"{where}: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' means the GPU when there is one."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RegMeanError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RegMeanError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_config(folder: Path, *, trust_remote_code: bool = False):
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise RegMeanError(f"{folder}: the model needs its own code; pass --trust-remote-code if you trust it") from None
+        raise RegMeanError(f"{folder}/config.json: {exc}") from None
+    except OSError as exc:
+        raise RegMeanError(f"{folder}: not a transformers model folder ({exc})") from None
+
+
+def architecture_of(config) -> str:
+    return (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "Model")])[0]
+
+
+def model_class(config, *, trust_remote_code: bool = False) -> type:
+    """The class named in config.architectures, so the candidate keeps its own head."""
+    name = architecture_of(config)
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        return cls
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        for reference in auto_map.values():
+            reference = reference[0] if isinstance(reference, (list, tuple)) else reference
+            if reference and reference.rsplit(".", 1)[-1] == name:
+                return get_class_from_dynamic_module(reference, config.name_or_path)
+    raise RegMeanError(f"config.architectures names {name!r}, which this transformers version does not know")
+
+
+def load_model(folder: Path, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
+               allow_pickle: bool = False, device_map: str | None = None) -> nn.Module:
+    config = load_config(folder, trust_remote_code=trust_remote_code)
+    cls = model_class(config, trust_remote_code=trust_remote_code)
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
+    kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = cls.from_pretrained(str(folder), config=config, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise RegMeanError(f"{folder}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if not device_map:
+        model.to(device)
+    return model.eval()
+
+
+def load_preprocessor(folder: Path, *, images: bool, trust_remote_code: bool = False):
+    """The candidate's own tokenizer (text) or image processor (images)."""
+    try:
+        if images:
+            return transformers.AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        kind = "image processor" if images else "tokenizer"
+        raise RegMeanError(f"{folder}: no usable {kind} ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        # GPT-2 style tokenizers have no pad token; padded positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def forward_inputs(model: nn.Module) -> set[str]:
+    """Names the model's forward accepts, to drop tokenizer outputs it would reject."""
+    return set(inspect.signature(model.forward).parameters)
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Parameter names that alias an earlier parameter (tied embeddings): not separately stored."""
+    first_names: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_names:
+            tied.add(name)
+        else:
+            first_names[id(param)] = name
+    return tied

@@ -1,0 +1,236 @@
+"""Plan a merge before doing it: validate every candidate, then lay out the solve batches.
+
+Everything that can be checked from manifests, safetensors headers and sampled fingerprints is
+checked here, so a mismatch stops the merge in seconds rather than halfway through the solves.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import RegMeanError
+from .manifest import LayerEntry, Manifest
+from .safetensors_io import TensorSpec
+from .weights import WeightSource, fingerprint
+
+log = logging.getLogger(__name__)
+
+GRAM_WEIGHTINGS = ("equal", "tokens")
+
+
+class GramSource(Protocol):
+    """A candidate's Grams: the manifest plus packed Gram sums on demand (a cache folder, or memory)."""
+
+    manifest: Manifest
+
+    def read_packed(self, key: str) -> torch.Tensor: ...
+
+
+@dataclass
+class Candidate:
+    name: str
+    grams: GramSource
+    weights: WeightSource
+    coefficient: float = 1.0
+    model_dir: Path | None = None
+    where: str = ""  # the cache's location, for messages
+
+
+@dataclass
+class MergeSettings:
+    reduce_non_diagonal_ratio: float = 0.95
+    gram_weighting: str = "equal"
+    exclude: list[str] = field(default_factory=list)
+    solve_dtype: torch.dtype = torch.float32
+    batch_bytes: int = 1 << 30  # bound on one solve batch's working memory
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
+            raise RegMeanError(f"--reduce-non-diagonal-ratio: must lie in [0, 1], got {self.reduce_non_diagonal_ratio}")
+        if self.gram_weighting not in GRAM_WEIGHTINGS:
+            raise RegMeanError(f"--gram-weighting: {self.gram_weighting!r} is not one of {GRAM_WEIGHTINGS}")
+        if self.solve_dtype not in (torch.float32, torch.float64):
+            raise RegMeanError(f"--solve-dtype: must be float32 or float64, got {self.solve_dtype}")
+
+
+@dataclass
+class GramGroup:
+    """Layers fed one input: one system, their weights side by side as the right-hand side."""
+
+    key: str
+    dim: int
+    layers: list[tuple[str, LayerEntry]]
+
+    @property
+    def width(self) -> int:
+        return sum(layer.out_features for _, layer in self.layers)
+
+
+@dataclass
+class SolveBatch:
+    dim: int
+    width: int
+    groups: list[GramGroup]
+
+
+@dataclass
+class MergePlan:
+    batches: list[SolveBatch]
+    averaged: list[str]
+    copied: list[str]
+    outputs: list[TensorSpec]
+    unsolved_layers: dict[str, str]  # linear weights not solved by RegMean -> why
+
+    @property
+    def num_systems(self) -> int:
+        return sum(len(batch.groups) for batch in self.batches)
+
+
+def compile_excludes(patterns: list[str]) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as exc:
+            raise RegMeanError(f"--exclude {pattern!r}: not a valid regular expression ({exc})") from None
+    return compiled
+
+
+def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: WeightSource | None = None,
+               check_fingerprints: bool = True) -> MergePlan:
+    if not candidates:
+        raise RegMeanError("no candidates to merge: give --cache-dir with one stats cache per subfolder, or --cache")
+    seen: dict[str, Candidate] = {}
+    for candidate in candidates:
+        if candidate.name in seen:
+            raise RegMeanError(f"candidate name {candidate.name!r} is used twice ({seen[candidate.name].where} and "
+                               f"{candidate.where}); give each cache folder its own name")
+        seen[candidate.name] = candidate
+        if candidate.coefficient <= 0:
+            raise RegMeanError(f"candidate {candidate.name}: coefficient must be positive, got {candidate.coefficient}")
+    first = candidates[0]
+    excludes = compile_excludes(settings.exclude)
+
+    def excluded(name: str) -> bool:
+        return any(pattern.match(name) for pattern in excludes)
+
+    _check_models(candidates, check_fingerprints)
+    names = first.weights.names()
+    _check_parameters(candidates, names, excluded)
+    copy_source = base or first.weights
+    copied = [name for name in names if excluded(name)]
+    for name in copied:
+        if name not in copy_source.names():
+            raise RegMeanError(f"--base {copy_source.reference}: has no parameter {name}, which is excluded from the merge")
+
+    groups, unsolved = _gram_groups(candidates, names, excluded)
+    solved = {layer.weight for group in groups for _, layer in group.layers}
+    averaged = [name for name in names if name not in solved and not excluded(name)]
+    outputs = [TensorSpec(name, (copy_source if excluded(name) else first.weights).dtype(name),
+                          (copy_source if excluded(name) else first.weights).shape(name)) for name in names]
+    plan = MergePlan(_batches(groups, settings), averaged, copied, outputs, unsolved)
+    log.info("plan: %d candidates, %d systems in %d batches, %d averaged and %d copied parameters",
+             len(candidates), plan.num_systems, len(plan.batches), len(averaged), len(copied))
+    return plan
+
+
+def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None:
+    first = candidates[0]
+    architecture = first.grams.manifest.model["architecture"]
+    for candidate in candidates:
+        manifest = candidate.grams.manifest
+        if manifest.model["architecture"] != architecture:
+            raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): architecture "
+                               f"{manifest.model['architecture']}, but {first.name} is {architecture}")
+        if check_fingerprints:
+            found = fingerprint(candidate.weights)
+            if found != manifest.model["fingerprint"]:
+                raise RegMeanError(f"candidate {candidate.name}: the Grams in {candidate.where} were computed on other "
+                                   f"weights than {candidate.weights.reference} (fingerprint mismatch)")
+        if manifest.include_padding != first.grams.manifest.include_padding:
+            log.warning("candidate %s counted padding (include_padding=%s) unlike %s", candidate.name,
+                        manifest.include_padding, first.name)
+
+
+def _check_parameters(candidates: list[Candidate], names: list[str], excluded) -> None:
+    first = candidates[0]
+    reference = {name for name in names if not excluded(name)}
+    for candidate in candidates[1:]:
+        theirs = set(candidate.weights.names())
+        missing = sorted(reference - theirs)
+        extra = sorted(name for name in theirs - set(names) if not excluded(name))
+        if missing or extra:
+            which, name = ("lacks", missing[0]) if missing else ("has an extra", extra[0])
+            raise RegMeanError(f"candidate {candidate.name}: {which} parameter {name} compared with {first.name}; "
+                               "all candidates must share one architecture")
+        for name in sorted(reference):
+            theirs_shape, ours = candidate.weights.shape(name), first.weights.shape(name)
+            if theirs_shape != ours:
+                raise RegMeanError(
+                    f"candidate {candidate.name}: parameter {name} has shape {list(theirs_shape)} but {list(ours)} in "
+                    f"{first.name}; parameters that differ per task (heads) must be excluded, e.g. "
+                    f"--exclude '{re.escape(name.rsplit('.', 1)[0])}\\..*'")
+
+
+def _gram_groups(candidates: list[Candidate], names: list[str], excluded) -> tuple[list[GramGroup], dict[str, str]]:
+    first = candidates[0]
+    layers = first.grams.manifest.layers
+    available = set(names)
+    for candidate in candidates[1:]:
+        theirs = candidate.grams.manifest.layers
+        for name in layers.keys() | theirs.keys():
+            if name not in theirs or name not in layers:
+                holder, lacker = (first, candidate) if name not in theirs else (candidate, first)
+                raise RegMeanError(f"candidate {lacker.name} ({lacker.where}): has no Gram for layer {name}, which "
+                                   f"{holder.name} has; were both computed for the same architecture?")
+            partner_ours = [n for n, e in layers.items() if e.gram == layers[name].gram]
+            partner_theirs = [n for n, e in theirs.items() if e.gram == theirs[name].gram]
+            if partner_ours != partner_theirs or theirs[name].in_features != layers[name].in_features:
+                raise RegMeanError(f"candidate {candidate.name}: layer {name} was measured differently than in "
+                                   f"{first.name} (shared inputs or input size differ)")
+    unsolved: dict[str, str] = {}
+    grouped: dict[str, list[tuple[str, LayerEntry]]] = defaultdict(list)
+    for name, layer in layers.items():
+        if excluded(layer.weight):
+            unsolved[layer.weight] = "excluded"
+            continue
+        if layer.weight not in available:
+            raise RegMeanError(f"candidate {first.name}: layer {name} has a Gram but its weight {layer.weight} is not "
+                               f"in {first.weights.reference}")
+        for candidate in candidates:
+            shape = candidate.weights.shape(layer.weight)
+            if shape != _weight_shape(layer):
+                raise RegMeanError(f"candidate {candidate.name}: layer {name}: weight shape {list(shape)} does not "
+                                   f"match the Gram's layer ({layer.in_features} inputs, {layer.out_features} outputs)")
+            tokens = candidate.grams.manifest.grams[layer.gram].tokens
+            if tokens == 0:
+                raise RegMeanError(f"candidate {candidate.name}: layer {name}: its Gram {layer.gram} saw no tokens")
+        grouped[layer.gram].append((name, layer))
+    groups = [GramGroup(key, first.grams.manifest.grams[key].dim, members) for key, members in grouped.items()]
+    return groups, unsolved
+
+
+def _weight_shape(layer: LayerEntry) -> tuple[int, int]:
+    return (layer.in_features, layer.out_features) if layer.transposed else (layer.out_features, layer.in_features)
+
+
+def _batches(groups: list[GramGroup], settings: MergeSettings) -> list[SolveBatch]:
+    """Equal-shaped systems together, as many per batch as the memory budget allows."""
+    element = torch.empty((), dtype=settings.solve_dtype).element_size()
+    by_shape: dict[tuple[int, int], list[GramGroup]] = defaultdict(list)
+    for group in groups:
+        by_shape[(group.dim, group.width)].append(group)
+    batches = []
+    for (dim, width), members in by_shape.items():
+        per_system = (2 * dim * dim + 4 * dim * width) * element  # A, one G_i, RHS, target, W_i, solution
+        size = max(1, settings.batch_bytes // per_system)
+        for start in range(0, len(members), size):
+            batches.append(SolveBatch(dim, width, members[start:start + size]))
+    return batches

@@ -1,0 +1,122 @@
+"""Tiny randomly initialised models and task data built locally, for tests, demos and benchmarks.
+
+Nothing here touches a hub: tokenizers are word-level over a fixed vocabulary, models come from
+transformers configs, and images are drawn with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+WORDS = (
+    "the a an movie film plot story actor actress scene music great good bad awful boring funny "
+    "brilliant dull slow fast camera light dark love hate very not quite really rather too much "
+    "little big small long short new old first last best worst sound price battery screen phone "
+    "works broke cheap expensive what who where when why how many city country person number year "
+    "is was are be it this that and or but with without for of in on to from by at"
+).split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_tokenizer(folder: Path | str) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer with BERT-style [CLS] ... [SEP] framing, saved into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(WORDS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=64,
+    )
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+VOCAB_SIZE = len(SPECIALS) + len(WORDS)
+
+
+def tiny_config(kind: str, **overrides) -> transformers.PretrainedConfig:
+    """Small configs of the architectures users merge: bert, roberta, gpt2, llama, clip_vision."""
+    hidden, layers, heads, ffn = 32, 2, 4, 64
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=64,
+                                         pad_token_id=0, architectures=["BertForSequenceClassification"])
+    elif kind == "roberta":
+        config = transformers.RobertaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                                            num_attention_heads=heads, intermediate_size=ffn,
+                                            max_position_embeddings=70, pad_token_id=0, bos_token_id=2,
+                                            eos_token_id=3, architectures=["RobertaForSequenceClassification"])
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=hidden, n_layer=layers, n_head=heads,
+                                         n_positions=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                         architectures=["GPT2ForSequenceClassification"])
+    elif kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                                          num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn,
+                                          max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                          architectures=["LlamaForSequenceClassification"])
+    elif kind == "clip_vision":
+        config = transformers.CLIPVisionConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                               num_attention_heads=heads, image_size=32, patch_size=8,
+                                               projection_dim=16, architectures=["CLIPVisionModelWithProjection"])
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    config = tiny_config(kind, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config)
+    return model.eval()
+
+
+def save_model(model: torch.nn.Module, folder: Path | str) -> Path:
+    """save_pretrained plus the matching tokenizer or image processor, as a fine-tuned checkpoint has."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    if isinstance(model.config, transformers.CLIPVisionConfig):
+        transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    else:
+        make_tokenizer(folder)
+    return folder
+
+
+def write_text_task(path: Path | str, n: int = 64, seed: int = 0, labels: int = 2, min_words: int = 2,
+                    max_words: int = 20) -> Path:
+    """A JSONL file of random sentences over the tokenizer's words, with varied lengths (so padding)."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+            f.write(json.dumps({"text": " ".join(words), "label": rng.randrange(labels)}) + "\n")
+    return path
+
+
+def write_image_task(folder: Path | str, n: int = 16, seed: int = 0) -> Path:
+    """A datasets.save_to_disk folder with an 'image' column of small random RGB images."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(n)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    data = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, features=features)
+    data.save_to_disk(str(folder))
+    return Path(folder)

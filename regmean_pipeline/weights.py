@@ -1,0 +1,189 @@
+"""Lazy access to candidate weights, and the fingerprint that ties a Gram cache to them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import RegMeanError
+from .safetensors_io import DTYPE_NAMES, DTYPES_BY_NAME
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_FULL_READ_ELEMENTS = 1 << 16
+_SAMPLED_ROWS = 16
+
+
+class WeightSource(Protocol):
+    """What the merge needs of a checkpoint: names, shapes and dtypes for free, tensors on demand."""
+
+    reference: str
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+
+
+class SafetensorsCheckpoint:
+    """A Hugging Face model folder's safetensors weights (one file or an index of shards), memory-mapped."""
+
+    def __init__(self, folder: Path | str):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self.reference = str(self.folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RegMeanError(f"{index}: not a valid safetensors index ({exc})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = [p.name for p in sorted(self.folder.glob("*.safetensors"))]
+        if not files:
+            raise RegMeanError(f"{self.folder}: no safetensors weights (model.safetensors or an index)")
+        self._handles = {}
+        self._file_of: dict[str, str] = {}
+        for file in files:
+            path = (self.folder / file).resolve()
+            if path.parent != self.folder.resolve():
+                raise RegMeanError(f"{index}: shard {file!r} lies outside the model folder")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise RegMeanError(f"{path}: not a readable safetensors file ({exc})") from None
+            self._handles[file] = handle
+            for name in handle.keys():
+                self._file_of[name] = file
+        self._slices: dict[str, object] = {}
+
+    def _slice(self, name: str):
+        if name not in self._slices:
+            self._slices[name] = self._handles[self._file_of[name]].get_slice(name)
+        return self._slices[name]
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES_BY_NAME[self._slice(name).get_dtype()]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handles[self._file_of[name]].get_tensor(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._slice(name)[start:stop]
+
+
+class StateDictWeights:
+    """In-memory weights (the Python API, or a pickle checkpoint the user explicitly allowed).
+
+    Tied tensors (GPT-2's lm_head and wte) appear once, under their first name, as safetensors
+    stores them.
+    """
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], reference: str = "<memory>"):
+        self.reference = reference
+        self._tensors: dict[str, torch.Tensor] = {}
+        seen: set[tuple] = set()
+        for name, tensor in state_dict.items():
+            identity = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+                        tuple(tensor.shape), tensor.dtype) if tensor.numel() else (name,)
+            if identity in seen:
+                continue
+            seen.add(identity)
+            self._tensors[name] = tensor.detach()
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[name][start:stop]
+
+
+def resolve_model_dir(reference: str, *, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id through the local Hugging Face cache (downloading if allowed)."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise RegMeanError(f"model {reference}: is a file; give the model's folder")
+    if reference.startswith((".", "/", "~")) or not _HUB_ID.match(reference):
+        raise RegMeanError(f"model {reference}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(reference, revision=revision,
+                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py"])
+    except Exception as exc:
+        raise RegMeanError(f"model {reference}: no such folder, and not available from the hub ({type(exc).__name__})") from None
+    return Path(folder)
+
+
+def open_weights(folder: Path, *, allow_pickle: bool = False) -> WeightSource:
+    """The checkpoint in a model folder; pickle-based files only when the user opted in."""
+    if any(folder.glob("*.safetensors")):
+        return SafetensorsCheckpoint(folder)
+    pickles = sorted(folder.glob("pytorch_model*.bin"))
+    if not pickles:
+        raise RegMeanError(f"{folder}: no model weights (*.safetensors) found")
+    if not allow_pickle:
+        raise RegMeanError(
+            f"{folder}: only pickle weights ({pickles[0].name}); loading them can run code. Convert the "
+            "model to safetensors, or pass --allow-pickle if you trust its source"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in pickles:
+        state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return StateDictWeights(state, reference=str(folder))
+
+
+def _samples(source: WeightSource, name: str, shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    numel = math.prod(shape)
+    if numel <= _FULL_READ_ELEMENTS or not shape:
+        yield source.get(name)
+        return
+    length = shape[0]
+    width = 1 if len(shape) > 1 else min(4096, length)
+    for i in range(_SAMPLED_ROWS):
+        start = (length - width) * i // (_SAMPLED_ROWS - 1)
+        yield source.rows(name, start, start + width)
+
+
+def fingerprint(source: WeightSource) -> str:
+    """A digest of names, dtypes, shapes and evenly spaced rows of every tensor.
+
+    Cheap (kilobytes per tensor), yet two fine-tunes of one base differ in every sampled row, so
+    a cache computed on other weights is caught without reading whole checkpoints.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(source.names()):
+        shape, dtype = source.shape(name), source.dtype(name)
+        digest.update(f"{name}|{DTYPE_NAMES.get(dtype, str(dtype))}|{list(shape)}\n".encode())
+        for sample in _samples(source, name, shape):
+            digest.update(memoryview(sample.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    return "sha256:" + digest.hexdigest()

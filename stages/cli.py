@@ -1,0 +1,178 @@
+"""The `regmean` command: a thin typer layer over the stages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from regmean_pipeline.errors import RegMeanError
+
+app = typer.Typer(
+    name="regmean",
+    help="RegMean model merging in two stages: `stats` once per fine-tuned candidate (each on its own "
+    "machine if need be), then `merge` over all their caches.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="YAML config with FusionBench key names; flags override it.")]
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    for name in ("regmean_pipeline", "stages"):
+        logging.getLogger(name).setLevel(level)
+    if quiet:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _run(action, *, debug: bool):
+    """Run a stage; user errors become one line on stderr and exit status 2."""
+    try:
+        return action()
+    except RegMeanError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; nothing was published", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a bug or an environment failure: still one line unless --debug
+        if debug or os.environ.get("REGMEAN_DEBUG"):
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        typer.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        raise typer.Exit(1) from None
+
+
+def _pairs(values: list[str] | None, flag: str, convert=str) -> dict:
+    pairs = {}
+    for value in values or []:
+        name, sep, item = value.partition("=")
+        if not sep or not name:
+            raise RegMeanError(f"{flag} {value!r}: expected NAME=VALUE")
+        try:
+            pairs[name] = convert(item)
+        except ValueError:
+            raise RegMeanError(f"{flag} {value!r}: {item!r} is not a number") from None
+    return pairs
+
+
+@app.command()
+def stats(
+    model: Annotated[str, typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures).")],
+    dataset: Annotated[str, typer.Option(help="Task data: a .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk folder, or a hub id.")],
+    out: Annotated[Optional[str], typer.Option(help="Cache folder to write (default: CACHE_DIR/<model folder name> from the config).")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split (saved folders and hub datasets).")] = "train",
+    text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).")] = None,
+    text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column, for sentence-pair tasks.")] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="Column with images (vision models: CLIP vision tower, ViT).")] = None,
+    num_examples: Annotated[Optional[int], typer.Option(help="Examples to use, after a seeded shuffle [default: 256].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward pass [default: 32].")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens [default: the model's limit].")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed [default: 0].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Forward-pass dtype: float32, bfloat16, float16.")] = None,
+    accumulate_dtype: Annotated[Optional[str], typer.Option(help="Gram accumulation dtype: float32 or float64.")] = None,
+    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions, as FusionBench and the paper's code do [default: exclude].")] = None,
+    format: Annotated[Optional[str], typer.Option("--format", help="Cache storage: zarr (a v3 group) or safetensors (one file).")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    config: Config = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Run one fine-tuned model over its task data and write its per-layer Gram cache."""
+    _setup_logging(quiet, debug)
+
+    def action():
+        from regmean_pipeline.config import load_config, pick
+        from stages.stats import StatsOptions, run_stats
+
+        cfg = load_config(config)
+        target = out
+        if target is None:
+            if "cache_dir" not in cfg:
+                raise RegMeanError("--out: missing (or give a --config with cache_dir)")
+            target = str(Path(cfg["cache_dir"]) / Path(model.rstrip("/")).name)
+        run_stats(StatsOptions(
+            model=model, dataset=dataset, out=target, split=split, text_column=text_column,
+            text_pair_column=text_pair_column, image_column=image_column,
+            num_examples=pick(num_examples, cfg, "num_examples", 256), batch_size=pick(batch_size, cfg, "batch_size", 32),
+            max_length=pick(max_length, cfg, "max_length", None), num_workers=pick(num_workers, cfg, "num_workers", 0),
+            seed=pick(seed, cfg, "seed", 0), device=pick(device, cfg, "device", "auto"),
+            dtype=pick(dtype, cfg, "dtype", "float32"),
+            accumulate_dtype=pick(accumulate_dtype, cfg, "accumulate_dtype", "float32"),
+            include_padding=pick(include_padding, cfg, "include_padding", False),
+            format=pick(format, cfg, "format", "zarr"), trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet,
+        ))
+
+    _run(action, debug=debug)
+
+
+@app.command()
+def merge(
+    out: Annotated[str, typer.Option(help="Folder for the merged Hugging Face model.")],
+    cache_dir: Annotated[Optional[str], typer.Option(help="Folder whose subfolders are stats caches, one per candidate.")] = None,
+    cache: Annotated[Optional[list[str]], typer.Option(help="A stats cache folder (repeatable); adds to --cache-dir.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH: weights of candidate NAME (default: the model its cache records).")] = None,
+    coefficient: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: scales the candidate's Grams and its share of averaged parameters.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Model whose excluded parameters, config and tokenizer the output takes (default: the first candidate).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names left out of the merge (repeatable).")] = None,
+    reduce_non_diagonal_ratio: Annotated[Optional[float], typer.Option(help="a in G~ = a*G + (1-a)*diag(G) [default: 0.95].")] = None,
+    gram_weighting: Annotated[Optional[str], typer.Option(help="equal: each candidate's Gram is its mean over tokens (paper, FusionBench); tokens: candidates weigh by token count.")] = None,
+    solve_dtype: Annotated[Optional[str], typer.Option(help="float32 or float64.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest output safetensors shard.")] = "5GB",
+    batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems.")] = "1GiB",
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
+    config: Config = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Merge the candidates of every cache with RegMean and write the merged model folder."""
+    _setup_logging(quiet, debug)
+
+    def action():
+        from regmean_pipeline.config import load_config, pick
+        from stages.merge import MergeOptions, run_merge
+
+        cfg = load_config(config)
+        run_merge(MergeOptions(
+            out=out, cache_dir=pick(cache_dir, cfg, "cache_dir", None), caches=list(cache or []),
+            models=_pairs(model, "--model"), coefficients=_pairs(coefficient, "--coefficient", float), base=base,
+            exclude=pick(exclude or None, cfg, "exclude", []),
+            reduce_non_diagonal_ratio=float(pick(reduce_non_diagonal_ratio, cfg, "reduce_non_diagonal_ratio", 0.95)),
+            gram_weighting=pick(gram_weighting, cfg, "gram_weighting", "equal"),
+            solve_dtype=pick(solve_dtype, cfg, "solve_dtype", "float32"), device=pick(device, cfg, "device", "auto"),
+            max_shard_size=max_shard_size, batch_memory=batch_memory, allow_pickle=allow_pickle,
+            overwrite=overwrite, progress=not quiet,
+        ))
+
+    _run(action, debug=debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

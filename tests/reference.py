@@ -1,0 +1,77 @@
+"""An independent float64 RegMean, written from the paper's formula for the tests to compare against.
+
+It shares no code with regmean_pipeline: inputs are captured with plain forward hooks, one example at
+a time (so no padding exists at all), and every system is solved with numpy in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+
+
+def capture_grams(model: nn.Module, examples: list[dict[str, torch.Tensor]], *, per_example: bool = True) -> dict:
+    """Float64 X^T X and row counts of every linear layer's input over the examples (unpadded)."""
+    model64 = copy.deepcopy(model).double().eval()
+    grams: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().numpy()
+            grams[name] = grams.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return fn
+
+    for name, module in linear_modules(model64).items():
+        handles.append(module.register_forward_pre_hook(hook(name)))
+    with torch.no_grad():
+        for example in examples:
+            inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in example.items()}
+            model64(**inputs)
+    for handle in handles:
+        handle.remove()
+    return {"grams": grams, "rows": rows}
+
+
+def regmean_reference(models: list[nn.Module], captured: list[dict], ratio: float,
+                      exclude: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Merged state dict in float64: RegMean for linear weights, mean for everything else."""
+    import re
+
+    states = [{k: v.detach().double().numpy() for k, v in m.state_dict().items()} for m in models]
+    modules = linear_modules(models[0])
+    merged = {}
+    for name in states[0]:
+        if any(re.match(p, name) for p in exclude):
+            merged[name] = states[0][name]
+            continue
+        module_name = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module_name in modules and module_name in captured[0]["grams"]:
+            transposed = isinstance(modules[module_name], Conv1D)
+            total_gram, total_rhs = 0, 0
+            for state, cap in zip(states, captured):
+                g = cap["grams"][module_name] / cap["rows"][module_name]
+                g = ratio * g + (1 - ratio) * np.diag(np.diag(g))
+                w_t = state[name] if transposed else state[name].T
+                total_gram = total_gram + g
+                total_rhs = total_rhs + g @ w_t
+            solution = np.linalg.solve(total_gram, total_rhs)
+            merged[name] = solution if transposed else solution.T
+        else:
+            merged[name] = np.mean([s[name] for s in states], axis=0)
+    return merged
+
+
+def relative_error(actual: torch.Tensor | np.ndarray, expected: np.ndarray) -> float:
+    actual = actual.detach().double().numpy() if isinstance(actual, torch.Tensor) else actual
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
