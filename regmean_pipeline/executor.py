@@ -116,7 +116,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
                     sink(layer.weight, weight_from_in_out(columns, layer.transposed).to("cpu", out_dtype))
                     report_layers[name] = {
                         "weight": layer.weight, "gram": group.key, "solver": result.solver[i],
-                        "condition_estimate": result.condition[i], "backward_error": result.backward_error[i],
+                        "condition_estimate": result.condition[i], "residual": result.residual[i],
                     }
             systems.update(len(batch.groups))
             matrix = rhs = anchor = target = result = None

@@ -35,7 +35,7 @@ class SolveResult:
     solution: torch.Tensor  # (B, d, m): anchor + correction
     solver: list[str]
     condition: list[float | None]  # None: singular
-    backward_error: list[float]  # ||A D - rhs|| / (||A|| ||X||), normwise
+    residual: list[float]  # normwise relative residual ||A X - B|| / (||A|| ||X||) (a backward error)
 
 
 def _cholesky_condition(factor: torch.Tensor) -> torch.Tensor:
@@ -85,5 +85,5 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
     error = torch.linalg.matrix_norm(torch.bmm(matrix, correction) - rhs)
     solution = anchor.add_(correction)
     scale = torch.linalg.matrix_norm(matrix) * torch.linalg.matrix_norm(solution)
-    backward_error = (error / scale.clamp_min(torch.finfo(dtype).tiny)).tolist()
-    return SolveResult(solution, solver, conditions, backward_error)
+    residual = (error / scale.clamp_min(torch.finfo(dtype).tiny)).tolist()
+    return SolveResult(solution, solver, conditions, residual)

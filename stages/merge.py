@@ -129,7 +129,7 @@ def build_report(options: MergeOptions, settings: MergeSettings, plan, candidate
                  device: torch.device) -> dict:
     layers = result["layers"]
     fallback = {name: entry for name, entry in layers.items() if entry["solver"] != "cholesky"}
-    errors = [entry["backward_error"] for entry in layers.values()]
+    errors = [entry["residual"] for entry in layers.values()]
     return {
         "format": "regmean-merge-report",
         "version": 1,
@@ -148,7 +148,7 @@ def build_report(options: MergeOptions, settings: MergeSettings, plan, candidate
         "totals": {"candidates": len(candidates), "layers_solved": len(layers), "systems": plan.num_systems,
                    "batches": len(plan.batches), "averaged": len(plan.averaged), "copied": len(plan.copied),
                    "fallback_systems": len({entry["gram"] for entry in fallback.values()}),
-                   "max_backward_error": max(errors, default=0.0),
+                   "max_residual": max(errors, default=0.0),
                    "output_bytes": sum(spec.nbytes for spec in plan.outputs)},
         "timings": result["timings"],
     }

@@ -141,7 +141,7 @@ def test_merged_folder_loads_and_runs(kind, workspace, cli, tmp_path):
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     report = read_json(out / "merge_report.json")
     assert report["totals"]["layers_solved"] == len(report["layers"]) > 0
-    assert all(layer["solver"] == "cholesky" and layer["backward_error"] < 1e-6 for layer in report["layers"].values())
+    assert all(layer["solver"] == "cholesky" and layer["residual"] < 1e-6 for layer in report["layers"].values())
 
 
 def test_heads_with_different_label_counts_must_be_excluded(workspace, cli, tmp_path):
