@@ -7,9 +7,11 @@ when the Gram is read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ import torch
 
 from .errors import RegMeanError
 from .manifest import GramEntry, Manifest, read_manifest
-from .safetensors_io import SafetensorsFileWriter, TensorSpec
+from .safetensors_io import RangedSafetensorsReader, SafetensorsFileWriter, TensorSpec
+from .storage import Folder
 from .symmetric import pack_upper, packed_length, unpack_upper
 
 log = logging.getLogger(__name__)
@@ -33,27 +36,40 @@ def gram_checksum(key: str, tokens: int, packed: np.ndarray) -> str:
 
 
 def write_cache(
-    folder: Path,
+    folder: Path | Folder,
     manifest: Manifest,
     sums: Mapping[str, torch.Tensor],
 ) -> Manifest:
-    """Write every Gram of ``sums`` (keys and tokens already in ``manifest.grams``), then the manifest.
+    """Write every Gram of ``sums`` (keys and tokens already in ``manifest.grams``), then the manifest."""
+    return write_packed_cache(folder, manifest, lambda key: pack_upper(sums[key]))
 
-    The manifest goes last: a folder without one is never a cache.
+
+def write_packed_cache(
+    folder: Path | Folder,
+    manifest: Manifest,
+    packed_gram: Callable[[str], torch.Tensor | np.ndarray],
+) -> Manifest:
+    """Write each Gram, packed, as ``packed_gram(key)`` yields it one at a time, then the manifest.
+
+    The manifest goes last: a folder without one is never a cache. On an object store (no rename)
+    this order is what keeps a reader from ever accepting half a cache.
     """
-    folder = Path(folder)
+    folder = Folder(folder)
     dtype = getattr(torch, manifest.accumulate_dtype)
     specs = [TensorSpec(key, dtype, (packed_length(entry.dim),)) for key, entry in manifest.grams.items()]
-    path = folder / GRAM_FILES[manifest.storage]
+    name = GRAM_FILES[manifest.storage]
     if manifest.storage == "safetensors":
+        # Written locally at its offsets, then uploaded whole when the folder is remote.
+        scratch = tempfile.TemporaryDirectory(prefix="regmean-cache-") if not folder.is_local else None
+        path = Path(scratch.name if scratch else folder.path) / name
         sink = SafetensorsFileWriter(path, specs, metadata={"format": "regmean-stats"})
     else:
         import zarr
 
-        group = zarr.open_group(str(path), mode="w-")
+        group = zarr.open_group(folder.zarr_store(name, writable=True), mode="w-")
     try:
         for spec in specs:
-            packed = pack_upper(sums[spec.name].to(dtype)).cpu()
+            packed = torch.as_tensor(packed_gram(spec.name)).to("cpu", dtype)
             entry = manifest.grams[spec.name]
             entry.checksum = gram_checksum(spec.name, entry.tokens, packed.numpy())
             if manifest.storage == "safetensors":
@@ -65,22 +81,27 @@ def write_cache(
                 array[...] = packed.numpy()
         if manifest.storage == "safetensors":
             sink.close()
+            if scratch is not None:
+                folder.put_file(path, name)
     except BaseException:
         if manifest.storage == "safetensors":
             sink.abort()
         raise
+    finally:
+        if manifest.storage == "safetensors" and scratch is not None:
+            scratch.cleanup()
     manifest.write(folder)
     return manifest
 
 
 class GramCache:
-    """A finished cache folder, read lazily one Gram at a time."""
+    """A finished cache folder (local or an fsspec URL), read lazily one Gram at a time."""
 
-    def __init__(self, folder: Path | str):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | str | Folder):
+        self.folder = Folder(folder)
         self.manifest = read_manifest(self.folder)
-        self.path = self.folder / GRAM_FILES[self.manifest.storage]
-        if not self.path.exists():
+        self.path = self.folder.child(GRAM_FILES[self.manifest.storage])
+        if not self.folder.exists(GRAM_FILES[self.manifest.storage]):
             raise RegMeanError(f"{self.path}: missing; the cache in {self.folder} is incomplete")
         self._store = None
 
@@ -90,15 +111,19 @@ class GramCache:
 
     def _open(self):
         if self._store is None:
+            file = GRAM_FILES[self.manifest.storage]
             try:
                 if self.manifest.storage == "zarr":
                     import zarr
 
-                    self._store = zarr.open_group(str(self.path), mode="r")
-                else:
+                    self._store = zarr.open_group(self.folder.zarr_store(file, writable=False), mode="r")
+                elif self.folder.is_local:
                     from safetensors import safe_open
 
                     self._store = safe_open(str(self.path), framework="np")
+                else:
+                    self._store = RangedSafetensorsReader(functools.partial(self.folder.read_range, file),
+                                                          self.folder.size(file), str(self.path))
             except Exception as exc:  # damaged file: say which
                 raise RegMeanError(f"{self.path}: cannot open ({exc})") from None
         return self._store

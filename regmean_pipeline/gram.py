@@ -184,10 +184,15 @@ def collect_grams(
     include_padding: bool = False,
     accumulate_dtype: torch.dtype = torch.float32,
     progress=None,
+    layers: Iterable[LinearLayer] | None = None,
 ) -> GramStats:
-    """Run the model over the batches with the hooks on; the one loop shared by stats and the API."""
+    """Run the model over the batches with the hooks on; the one loop shared by stats and the API.
+
+    ``layers`` limits the hooks to some layers (one pass of a multi-pass run); default: all.
+    """
     model.eval()
-    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype) as acc:
+    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
+                         layers=layers) as acc:
         with torch.inference_mode():
             for batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

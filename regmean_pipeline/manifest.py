@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RegMeanError
+from .storage import Folder
 
 FORMAT = "regmean-stats"
 VERSION = 1
@@ -57,12 +58,13 @@ class Manifest:
     tool: str = ""
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    shard: dict[str, int] | None = None  # {"index": I, "count": N}: this cache holds share I of N
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=False) + "\n"
 
-    def write(self, folder: Path) -> None:
-        (Path(folder) / MANIFEST_NAME).write_text(self.to_json())
+    def write(self, folder: Path | Folder) -> None:
+        Folder(folder).write_text(MANIFEST_NAME, self.to_json())
 
     def layers_of_gram(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {key: [] for key in self.grams}
@@ -154,6 +156,11 @@ def parse_manifest(data: Any, where: str) -> Manifest:
         _check(layer.in_features == grams[gram].dim, at,
                f"in_features {layer.in_features} differs from its gram's dim {grams[gram].dim}")
         layers[name] = layer
+    shard = data.get("shard")
+    if shard is not None:
+        _check(isinstance(shard, dict), where, "field 'shard' is not an object")
+        count = _count(shard, "count", f"{where} (shard)", 1, 1 << 20)
+        shard = {"index": _count(shard, "index", f"{where} (shard)", 0, count - 1), "count": count}
     unused = set(grams) - {layer.gram for layer in layers.values()}
     _check(not unused, where, f"grams used by no layer: {sorted(unused)[:3]}")
 
@@ -173,13 +180,15 @@ def parse_manifest(data: Any, where: str) -> Manifest:
         tool=str(data.get("tool", "")),
         created=str(data.get("created", "")),
         extra=data.get("extra", {}) if isinstance(data.get("extra", {}), dict) else {},
+        shard=shard,
     )
 
 
-def read_manifest(folder: Path | str) -> Manifest:
-    path = Path(folder) / MANIFEST_NAME
+def read_manifest(folder: Path | str | Folder) -> Manifest:
+    folder = Folder(folder)
+    path = folder.child(MANIFEST_NAME)
     try:
-        text = path.read_text()
+        text = folder.read_text(MANIFEST_NAME)
     except FileNotFoundError:
         raise RegMeanError(f"{path}: no manifest; not a regmean stats cache (or an unfinished one)") from None
     except (OSError, UnicodeDecodeError) as exc:
