@@ -218,7 +218,7 @@ class RangedSafetensorsReader:
 
         dtype, shape, begin, end = self._entries[name]
         data = self._read_range(self._data_start + begin, self._data_start + end)
-        values = np.frombuffer(data, dtype=np.dtype(self._NUMPY[dtype]))
+        values = np.frombuffer(bytearray(data), dtype=np.dtype(self._NUMPY[dtype]))  # writable, like safe_open
         if values.size != math.prod(shape):
             raise ValueError(f"tensor {name}: {values.size} values, shape {shape}")
         return values.reshape(shape)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from packaging.version import Version
 from torch import nn
 
 from .errors import RegMeanError
@@ -36,6 +37,8 @@ def config_of(reference: str | Path, *, trust_remote_code: bool = False):
     if path.is_file():
         try:
             data = json.loads(path.read_text())
+            if "torch_dtype" in data and Version(transformers.__version__) >= Version("4.56"):
+                data.setdefault("dtype", data.pop("torch_dtype"))  # the newer name; avoids a deprecation warning
             return transformers.AutoConfig.for_model(**data)
         except (ValueError, KeyError, TypeError) as exc:
             raise RegMeanError(f"{path}: not a transformers config.json ({exc})") from None
@@ -95,7 +98,9 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     if candidates < 1:
         raise RegMeanError(f"--candidates: must be at least 1, got {candidates}")
     config = config_of(reference, trust_remote_code=trust_remote_code)
-    weight_dtype = getattr(torch, dtype or str(getattr(config, "torch_dtype", None) or "float32").replace("torch.", ""))
+    declared = getattr(config, "dtype", None) if Version(transformers.__version__) >= Version("4.56") \
+        else getattr(config, "torch_dtype", None)
+    weight_dtype = getattr(torch, dtype or str(declared or "float32").replace("torch.", ""))
     model = meta_model(config, dtype=weight_dtype, trust_remote_code=trust_remote_code)
     tied = tied_parameter_names(model)
     layers = [layer for layer in find_linear_layers(model) if layer.weight not in tied]
@@ -112,7 +117,8 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     element = torch.empty((), dtype=accumulate_dtype).element_size()
     dims = [members[0].in_features for members in groups.values()]
     parameters = {name: p for name, p in model.named_parameters()}  # tied ones appear once
-    buffers = dict(model.named_buffers())
+    saved = set(model.state_dict())
+    buffers = {name: b for name, b in model.named_buffers() if name in saved}  # non-persistent ones are not saved
     output_bytes = sum(t.numel() * t.element_size() for t in (*parameters.values(), *buffers.values()))
     budget = gram_budget or sum(gram_bytes(d, accumulate_dtype) for d in dims)
 

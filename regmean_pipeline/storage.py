@@ -40,7 +40,8 @@ class Folder:
         else:
             self.fs = LocalFileSystem()
             self.path = str(Path(text).expanduser())
-        self.text = text.rstrip("/") if _is_url(text) else str(Path(text).expanduser())
+        # A file:// URL is a local folder: named, staged and renamed by its path like any other.
+        self.text = self.path if self.is_local else text.rstrip("/")
 
     @property
     def is_local(self) -> bool:
