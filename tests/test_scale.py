@@ -3,6 +3,7 @@ layer-parallel merge. Every variant is checked against the plain single-process 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import transformers
 from safetensors import safe_open
 
 from regmean_pipeline.cache import GramCache
+from stages.stats import StatsOptions, run_stats
 from tests.conftest import read_json
 from tests.test_cli import REGMEAN
 
@@ -58,8 +60,9 @@ def assert_same_cache(folder, reference, rtol: float) -> dict:
 def single(workspace, tmp_path_factory):
     """One process, whole data set: what every other way of computing the stats must reproduce."""
     out = tmp_path_factory.mktemp("single") / "a"
-    run_command(["stats", "--model", workspace.model("bert", 1), "--dataset", workspace.text_task(1, n=30),
-                 "--out", out, *STATS, "--format", "safetensors"])
+    run_stats(StatsOptions(model=str(workspace.model("bert", 1)), dataset=str(workspace.text_task(1, n=30)),
+                           out=str(out), num_examples=24, batch_size=5, device="cpu", format="safetensors",
+                           progress=False))
     return out
 
 
@@ -134,21 +137,25 @@ def test_missing_duplicate_and_mismatched_shards_are_named(workspace, cli, tmp_p
     assert not (tmp_path / "x").exists()
 
 
-def test_gram_memory_budget_splits_into_passes_with_the_same_cache(workspace, single, tmp_path):
+def test_gram_memory_budget_splits_into_passes_with_the_same_cache(workspace, single, cli, tmp_path, caplog):
     # tiny BERT: 4 KiB Grams for the 32-wide inputs, 16 KiB for the 64-wide ones, 64 KiB in all
-    result = run_command(stats_args(workspace, tmp_path / "a", "--max-gram-memory", "20KiB", "--format", "safetensors"))
-    assert "passes over the data" in result.stderr
-    passes = int(result.stderr.split(" passes over the data")[0].rsplit(" ", 1)[-1])
-    assert passes >= 2
+    with caplog.at_level(logging.INFO, logger="regmean_pipeline.gram_passes"):
+        run_stats(StatsOptions(model=str(workspace.model("bert", 1)), dataset=str(workspace.text_task(1, n=30)),
+                               out=str(tmp_path / "a"), num_examples=24, batch_size=5, device="cpu",
+                               format="safetensors", progress=False, max_gram_memory="20KiB"))
+    announced = [r.getMessage() for r in caplog.records if "passes over the data" in r.getMessage()]
+    assert len(announced) == 1 and "over --max-gram-memory 20.0 KiB" in announced[0], announced
+    assert int(announced[0].split(" passes over the data")[0].rsplit(" ", 1)[-1]) >= 2
     assert_same_cache(tmp_path / "a", single, rtol=0.0)  # the same forward passes: bit for bit
-    result = run_command(stats_args(workspace, tmp_path / "b", "--max-gram-memory", "8KiB"), check=False)
-    assert result.returncode == 2 and "alone needs 16.0 KiB" in result.stderr
+    code, _, err = cli(*stats_args(workspace, tmp_path / "b", "--max-gram-memory", "8KiB"))
+    assert code == 2 and "alone needs 16.0 KiB" in err
 
 
-def test_device_map_auto_gives_the_same_cache(workspace, single, tmp_path):
-    args = stats_args(workspace, tmp_path / "a", "--device-map", "auto")
+def test_device_map_auto_gives_the_same_cache(workspace, single, cli, tmp_path):
+    args = stats_args(workspace, tmp_path / "a", "--device-map", "auto", "--format", "safetensors")
     args.remove("--device"), args.remove("cpu")
-    run_command(args)
+    code, _, err = cli(*args)
+    assert code == 0, err
     assert_same_cache(tmp_path / "a", single, rtol=1e-6)
 
 
