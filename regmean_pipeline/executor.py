@@ -73,8 +73,12 @@ def _load(batch: SolveBatch, candidate: Candidate) -> tuple[list[torch.Tensor], 
 
 
 def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeSettings, sink: Sink, *,
-                  device: torch.device, base: WeightSource | None = None, progress: bool = True) -> dict:
-    """Solve every batch, average the rest, copy excluded tensors; returns the report's layers and timings."""
+                  device: torch.device, base: WeightSource | None = None, progress: bool = True,
+                  combine: Callable[[str], torch.Tensor] | None = None) -> dict:
+    """Solve every batch, average the rest, copy excluded tensors; returns the report's layers and timings.
+
+    ``combine(name)``, when given, replaces averaging for the parameters not solved (task arithmetic).
+    """
     started = time.perf_counter()
     dtype = settings.solve_dtype
     first = candidates[0]
@@ -126,7 +130,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
 
     average_started = time.perf_counter()
     for name in tqdm(plan.averaged, desc="merge: average", unit="tensor", disable=not progress, leave=False):
-        sink(name, average_parameter(name, candidates, coefficient_sum))
+        sink(name, combine(name) if combine else average_parameter(name, candidates, coefficient_sum))
     copy_source = base or first.weights
     for name in plan.copied:
         sink(name, copy_source.get(name))

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf")
 NOT_COPIED = {"README.md", ".gitattributes", "merge_report.json", "model.safetensors.index.json",
-              "pytorch_model.bin.index.json"}
+              "pytorch_model.bin.index.json", "finetune.json"}  # records of how a candidate was made
 
 
 def copy_model_files(source: Path, target: Path) -> list[str]:

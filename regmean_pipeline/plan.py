@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,8 @@ from .weights import WeightSource, fingerprint
 log = logging.getLogger(__name__)
 
 GRAM_WEIGHTINGS = ("equal", "tokens")
+METHODS = ("regmean", "average", "task-arithmetic")
+DATALESS = ("average", "task-arithmetic")  # baselines that need no Grams (baselines.py)
 
 
 class GramSource(Protocol):
@@ -36,7 +39,7 @@ class GramSource(Protocol):
 @dataclass
 class Candidate:
     name: str
-    grams: GramSource
+    grams: GramSource | None  # None only for the dataless baselines
     weights: WeightSource
     coefficient: float = 1.0
     model_dir: Path | None = None
@@ -50,8 +53,11 @@ class MergeSettings:
     exclude: list[str] = field(default_factory=list)
     solve_dtype: torch.dtype = torch.float32
     batch_bytes: int = 1 << 30  # bound on one solve batch's working memory
+    method: str = "regmean"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RegMeanError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
             raise RegMeanError(f"--reduce-non-diagonal-ratio: must lie in [0, 1], got {self.reduce_non_diagonal_ratio}")
         if self.gram_weighting not in GRAM_WEIGHTINGS:
@@ -103,6 +109,12 @@ def compile_excludes(patterns: list[str]) -> list[re.Pattern]:
     return compiled
 
 
+def exclusion(patterns: list[str]) -> Callable[[str], bool]:
+    """Whether a parameter name is kept out of the merge (any pattern re.match-es it)."""
+    compiled = compile_excludes(patterns)
+    return lambda name: any(pattern.match(name) for pattern in compiled)
+
+
 def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: WeightSource | None = None,
                check_fingerprints: bool = True) -> MergePlan:
     if not candidates:
@@ -116,12 +128,14 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
         if candidate.coefficient <= 0:
             raise RegMeanError(f"candidate {candidate.name}: coefficient must be positive, got {candidate.coefficient}")
     first = candidates[0]
-    excludes = compile_excludes(settings.exclude)
-
-    def excluded(name: str) -> bool:
-        return any(pattern.match(name) for pattern in excludes)
-
-    _check_models(candidates, check_fingerprints)
+    excluded = exclusion(settings.exclude)
+    regmean = settings.method == "regmean"
+    if regmean:
+        for candidate in candidates:
+            if candidate.grams is None:
+                raise RegMeanError(f"candidate {candidate.name}: has no Gram cache; RegMean needs one per candidate "
+                                   "(run `regmean stats`), only --method average/task-arithmetic do without")
+        _check_models(candidates, check_fingerprints)
     names = first.weights.names()
     _check_parameters(candidates, names, excluded)
     copy_source = base or first.weights
@@ -130,7 +144,7 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
         if name not in copy_source.names():
             raise RegMeanError(f"--base {copy_source.reference}: has no parameter {name}, which is excluded from the merge")
 
-    groups, unsolved = _gram_groups(candidates, names, excluded)
+    groups, unsolved = _gram_groups(candidates, names, excluded) if regmean else ([], {})
     solved = {layer.weight for group in groups for _, layer in group.layers}
     averaged = [name for name in names if name not in solved and not excluded(name)]
     outputs = [TensorSpec(name, (copy_source if excluded(name) else first.weights).dtype(name),

@@ -14,15 +14,17 @@ import torch
 
 from regmean_pipeline import __version__
 from regmean_pipeline.atomic import STAGING_MARK, check_target, staged_directory
+from regmean_pipeline.baselines import DEFAULT_SCALING, PretrainedWeights, task_arithmetic
 from regmean_pipeline.cache import GramCache
 from regmean_pipeline.distributed import Ranks, all_ok, broadcast_text, process_group, rank_device
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.executor import execute_merge
 from regmean_pipeline.hf_output import copy_model_files, parse_size, write_json
 from regmean_pipeline.manifest import MANIFEST_NAME
-from regmean_pipeline.models import parse_dtype, resolve_device
+from regmean_pipeline.models import load_config, model_class, parse_dtype, resolve_device
 from regmean_pipeline.layer_parallel import output_owners, split_plan
-from regmean_pipeline.plan import Candidate, GramSource, MergeSettings, plan_merge
+from regmean_pipeline.per_candidate import export_per_candidate
+from regmean_pipeline.plan import DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
 from regmean_pipeline.safetensors_io import ShardedCheckpointWriter
 from regmean_pipeline.shards import open_sharded, shard_folders
 from regmean_pipeline.storage import Folder
@@ -51,6 +53,10 @@ class MergeOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     progress: bool = True
+    method: str = "regmean"
+    scaling: float | None = None  # task arithmetic's lambda (default DEFAULT_SCALING)
+    pretrained: str | None = None  # task arithmetic's starting point
+    per_candidate: bool = False
 
 
 def discover_caches(cache_dir: str | None, caches: list[str]) -> list[Folder]:
@@ -89,23 +95,30 @@ def open_grams(folder: Folder) -> GramSource:
 
 
 def open_candidates(options: MergeOptions) -> list[Candidate]:
+    """One candidate per cache; for the dataless baselines also each --model NAME=PATH without a cache."""
     folders = discover_caches(options.cache_dir, options.caches)
     names = {folder.name for folder in folders}
+    uncached = [name for name in options.models if name not in names] if options.method in DATALESS else []
+    known = names | set(uncached)
     for flag, given in (("--model", options.models), ("--coefficient", options.coefficients)):
-        unknown = sorted(set(given) - names)
+        unknown = sorted(set(given) - known)
         if unknown:
-            raise RegMeanError(f"{flag} {unknown[0]}=...: no candidate has that name (candidates: {', '.join(sorted(names))})")
-    candidates = []
-    for folder in folders:
-        grams = open_grams(folder)
-        reference = options.models.get(folder.name, grams.manifest.model["reference"])
+            raise RegMeanError(f"{flag} {unknown[0]}=...: no candidate has that name (candidates: {', '.join(sorted(known))})")
+
+    def candidate(name: str, grams: GramSource | None, reference: str, where: str) -> Candidate:
         try:
             model_dir = resolve_model_dir(reference)
         except RegMeanError as exc:
-            raise RegMeanError(f"candidate {folder.name}: {exc} (set its weights with --model {folder.name}=PATH)") from None
-        candidates.append(Candidate(folder.name, grams, open_weights(model_dir, allow_pickle=options.allow_pickle),
-                                    float(options.coefficients.get(folder.name, 1.0)), model_dir, str(folder)))
-    return candidates
+            raise RegMeanError(f"candidate {name}: {exc} (set its weights with --model {name}=PATH)") from None
+        return Candidate(name, grams, open_weights(model_dir, allow_pickle=options.allow_pickle),
+                         float(options.coefficients.get(name, 1.0)), model_dir, where or str(model_dir))
+
+    candidates = []
+    for folder in folders:
+        grams = open_grams(folder)
+        candidates.append(candidate(folder.name, grams, options.models.get(folder.name, grams.manifest.model["reference"]),
+                                    str(folder)))
+    return candidates + [candidate(name, None, options.models[name], "") for name in uncached]
 
 
 def run_merge(options: MergeOptions) -> dict:
@@ -123,12 +136,18 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
     except ValueError as exc:
         raise RegMeanError(f"--max-shard-size/--batch-memory: {exc}") from None
     settings = MergeSettings(options.reduce_non_diagonal_ratio, options.gram_weighting, list(options.exclude),
-                             parse_dtype(options.solve_dtype, "--solve-dtype"), batch_bytes)
+                             parse_dtype(options.solve_dtype, "--solve-dtype"), batch_bytes, method=options.method)
+    check_method_options(options)
     device = resolve_device(rank_device(ranks, options.device))
     candidates = open_candidates(options)
     base_folder = resolve_model_dir(options.base) if options.base else None
     base = open_weights(base_folder, allow_pickle=options.allow_pickle) if base_folder else None
     plan = plan_merge(candidates, settings, base=base)
+    combine = None
+    if options.method == "task-arithmetic":
+        pretrained = open_pretrained(options.pretrained, candidates[0], allow_pickle=options.allow_pickle)
+        pretrained.check(plan.averaged, candidates[0])
+        combine = task_arithmetic(candidates, pretrained, options.scaling)
     parts = split_plan(plan, ranks.world)
     owners = output_owners(parts)
     planned = time.perf_counter()
@@ -142,7 +161,7 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
             writer = ShardedCheckpointWriter(stage, plan.outputs, max_shard, owner_of=owners.__getitem__,
                                              rank=ranks.rank)
             result = execute_merge(parts[ranks.rank], candidates, settings, writer.write, device=device, base=base,
-                                   progress=options.progress and ranks.is_main)
+                                   progress=options.progress and ranks.is_main, combine=combine)
             writer.close()
         except BaseException:
             if writer is not None:
@@ -159,6 +178,10 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
             result = gather_rank_results(stage, ranks.world)
         copy_model_files(base_folder or candidates[0].model_dir, stage)
         report = build_report(options, settings, plan, candidates, result, device)
+        if options.per_candidate:
+            report["per_candidate"] = export_per_candidate(stage, open_weights(stage), candidates,
+                                                           exclusion(settings.exclude), max_shard,
+                                                           progress=options.progress)
         report["timings"]["plan_and_checks"] = planned - started
         report["timings"]["total"] = time.perf_counter() - started
         report["settings"]["ranks"] = ranks.world
@@ -190,6 +213,27 @@ def gather_rank_results(stage: Path, world: int) -> dict:
     return {"layers": layers, "timings": {**timings, "per_rank": per_rank}}
 
 
+def check_method_options(options: MergeOptions) -> None:
+    """Options that belong to another method are an error, not silently ignored."""
+    if options.method == "task-arithmetic":
+        if not options.pretrained:
+            raise RegMeanError("--method task-arithmetic: needs --pretrained PATH, the model the candidates were "
+                               "fine-tuned from")
+        if options.scaling is None:
+            options.scaling = DEFAULT_SCALING
+    elif options.pretrained or options.scaling is not None:
+        raise RegMeanError(f"--pretrained/--scaling: only --method task-arithmetic uses them (not {options.method})")
+
+
+def open_pretrained(reference: str, first: Candidate, *, allow_pickle: bool) -> PretrainedWeights:
+    """The pretrained checkpoint, addressed with the candidates' names (bert.encoder... or encoder...)."""
+    folder = resolve_model_dir(reference)
+    prefix = ""
+    if first.model_dir is not None:
+        prefix = getattr(model_class(load_config(first.model_dir)), "base_model_prefix", "") or ""
+    return PretrainedWeights(open_weights(folder, allow_pickle=allow_pickle), prefix)
+
+
 def build_report(options: MergeOptions, settings: MergeSettings, plan, candidates: list[Candidate], result: dict,
                  device: torch.device) -> dict:
     layers = result["layers"]
@@ -200,9 +244,11 @@ def build_report(options: MergeOptions, settings: MergeSettings, plan, candidate
         "version": 1,
         "tool": f"regmean-pipeline {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "candidates": [{"name": c.name, "cache": c.where, "weights": c.weights.reference,
-                        "coefficient": c.coefficient, "examples": c.grams.manifest.examples} for c in candidates],
-        "settings": {"reduce_non_diagonal_ratio": settings.reduce_non_diagonal_ratio,
+        "candidates": [{"name": c.name, "cache": c.where if c.grams else None, "weights": c.weights.reference,
+                        "coefficient": c.coefficient, "examples": c.grams.manifest.examples if c.grams else None}
+                       for c in candidates],
+        "settings": {"method": settings.method, "scaling": options.scaling, "pretrained": options.pretrained,
+                     "reduce_non_diagonal_ratio": settings.reduce_non_diagonal_ratio,
                      "gram_weighting": settings.gram_weighting, "exclude": settings.exclude,
                      "solve_dtype": str(settings.solve_dtype).replace("torch.", ""), "device": str(device),
                      "base": options.base},
