@@ -120,3 +120,25 @@ def write_image_task(folder: Path | str, n: int = 16, seed: int = 0) -> Path:
     data = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, features=features)
     data.save_to_disk(str(folder))
     return Path(folder)
+
+
+def write_classification_task(folder: Path | str, labels: list[str], n_train: int = 64, n_test: int = 32,
+                              seed: int = 0) -> Path:
+    """A task folder as regmean finetune/eval read it (train.jsonl, test.jsonl, labels.json).
+
+    Each sentence carries one cue word of its label among random filler words, so the task is learnable.
+    """
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cues = [WORDS[(7 * i + 3) % len(WORDS)] for i in range(len(labels))]
+    fillers = [w for w in WORDS if w not in cues]
+    for split, n in (("train", n_train), ("test", n_test)):
+        with (folder / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                label = rng.randrange(len(labels))
+                words = [rng.choice(fillers) for _ in range(rng.randint(2, 12))]
+                words.insert(rng.randrange(len(words) + 1), cues[label])
+                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    (folder / "labels.json").write_text(json.dumps({"labels": list(labels), "train": n_train, "test": n_test}) + "\n")
+    return folder

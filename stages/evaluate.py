@@ -1,0 +1,102 @@
+"""Score models per task: every method is a folder holding one model folder per task (the candidates
+themselves, or a merge's per-candidate export: merged body plus that task's own head)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from regmean_pipeline import __version__
+from regmean_pipeline.atomic import check_target, staged_directory
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.evaluate import accuracy
+from regmean_pipeline.hf_output import write_json
+from regmean_pipeline.models import resolve_device
+from regmean_pipeline.results import format_table, method_average, plot_accuracy
+from regmean_pipeline.tasks import load_task
+
+log = logging.getLogger(__name__)
+
+RESULTS_NAME = "results.json"
+TABLE_NAME = "results.md"
+CHART_NAME = "accuracy.png"
+
+
+@dataclass
+class EvalOptions:
+    tasks: list[str]  # task folders
+    methods: dict[str, str]  # label -> folder with one model folder per task name
+    out: str
+    reference: str | None = "individual"  # the method others are compared with, when present
+    batch_size: int = 64
+    max_length: int = 64
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+    title: str = "Test accuracy per task"
+
+
+def load_classifier(folder: Path, task, device: torch.device):
+    """A complete model folder, through AutoModelForSequenceClassification, checked against the task."""
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise RegMeanError(f"{folder}: cannot load as a sequence classifier ({str(exc).splitlines()[0]})") from None
+    if model.config.num_labels != task.num_labels:
+        raise RegMeanError(f"{folder}: has {model.config.num_labels} labels but task {task.name} has {task.num_labels}")
+    return model.to(device).eval(), tokenizer
+
+
+def run_eval(options: EvalOptions) -> dict:
+    started = time.perf_counter()
+    out = Path(options.out)
+    check_target(out, overwrite=options.overwrite)
+    if not options.tasks or not options.methods:
+        raise RegMeanError("eval: give at least one --task and one --method LABEL=FOLDER")
+    tasks = [load_task(folder) for folder in options.tasks]
+    for label, root in options.methods.items():  # every folder checked before any scoring
+        for task in tasks:
+            if not (Path(root) / task.name / "config.json").is_file():
+                raise RegMeanError(f"--method {label}={root}: no model folder {Path(root) / task.name} for task "
+                                   f"{task.name} (`regmean merge --per-candidate` writes them to OUT/per_candidate)")
+    reference = options.reference if options.reference in options.methods else None
+    device = resolve_device(options.device)
+    test_sets = {task.name: task.load("test") for task in tasks}
+    methods = {}
+    with tqdm(total=len(tasks) * len(options.methods), desc="eval", unit="model", disable=not options.progress) as bar:
+        for label, root in options.methods.items():
+            per_task = {}
+            for task in tasks:
+                bar.set_postfix_str(f"{label}/{task.name}")
+                model, tokenizer = load_classifier(Path(root) / task.name, task, device)
+                per_task[task.name] = accuracy(model, tokenizer, test_sets[task.name], batch_size=options.batch_size,
+                                               max_length=options.max_length, desc=f"{label}/{task.name}",
+                                               progress=options.progress)
+                bar.update()
+            methods[label] = {"folder": str(root), "per_task": per_task, "average": method_average(per_task)}
+            log.info("eval %s: average accuracy %.4f", label, methods[label]["average"])
+    results = {
+        "format": "regmean-eval", "version": 1, "tool": f"regmean-pipeline {__version__}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "device": str(device)},
+        "tasks": [{"name": t.name, "folder": str(t.folder), "test_examples": len(test_sets[t.name])} for t in tasks],
+        "reference": reference, "methods": methods,
+        "settings": {"batch_size": options.batch_size, "max_length": options.max_length},
+    }
+    with staged_directory(out, overwrite=options.overwrite) as stage:
+        (stage / TABLE_NAME).write_text(format_table(results) + "\n")
+        plot_accuracy(results, stage / CHART_NAME, title=options.title)
+        results["seconds"] = time.perf_counter() - started
+        write_json(stage / RESULTS_NAME, results)
+    return results

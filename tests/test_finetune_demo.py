@@ -1,0 +1,112 @@
+"""Fine-tuning (seeded, recorded, cached) and the demo's own Makefile steps, end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from regmean_pipeline.testing import make_model, save_model, write_classification_task
+from tests.conftest import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny pretrained body and two learnable tasks with 2 and 3 labels."""
+    root = tmp_path_factory.mktemp("tiny_demo")
+    base = save_model(make_model("bert", seed=0, architectures=["BertModel"]), root / "base")
+    tasks = root / "tasks"
+    write_classification_task(tasks / "alpha", ["no", "yes"], n_train=96, n_test=40, seed=1)
+    write_classification_task(tasks / "beta", ["x", "y", "z"], n_train=96, n_test=40, seed=2)
+    return base, tasks
+
+
+def finetune(cli, base, tasks, out, *args, names=("alpha", "beta")):
+    return cli("finetune", "--base", base, *[f"--task={tasks / name}" for name in names], "--out", out,
+               "--device", "cpu", "--batch-size", 8, *args)
+
+
+def test_finetune_is_seeded_recorded_and_reused(tiny_setup, cli, tmp_path):
+    base, tasks = tiny_setup
+    recipe = ("--steps", 30, "--learning-rate", 3e-3)
+    code, out, err = finetune(cli, base, tasks, tmp_path / "one", *recipe)
+    assert code == 0, err
+    assert "alpha: test accuracy" in out and "beta: test accuracy" in out
+    record = read_json(tmp_path / "one" / "beta" / "finetune.json")
+    assert record["recipe"]["settings"]["steps"] == 30 and record["labels"] == ["x", "y", "z"]
+    assert record["test"]["total"] == 40
+    assert record["train_loss"]["last_20_steps"] < record["train_loss"]["first_10_steps"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "one" / "beta"))
+    assert model.config.num_labels == 3 and model.config.id2label[2] == "z"
+
+    code, _, err = finetune(cli, base, tasks, tmp_path / "two", *recipe, names=["beta"])  # same seed, same weights
+    assert code == 0, err
+    assert (tmp_path / "one" / "beta" / "model.safetensors").read_bytes() == \
+           (tmp_path / "two" / "beta" / "model.safetensors").read_bytes()
+
+    before = (tmp_path / "one" / "alpha" / "finetune.json").read_text()
+    code, out, err = finetune(cli, base, tasks, tmp_path / "one", *recipe)  # cached: nothing retrained
+    assert code == 0, err
+    assert (tmp_path / "one" / "alpha" / "finetune.json").read_text() == before
+
+    changed = ("--steps", 31, "--learning-rate", 3e-3)
+    code, _, err = finetune(cli, base, tasks, tmp_path / "one", *changed, names=["alpha"])
+    assert code == 2 and "--overwrite" in err and "alpha" in err
+    assert (tmp_path / "one" / "alpha" / "finetune.json").read_text() == before
+    code, _, err = finetune(cli, base, tasks, tmp_path / "one", *changed, "--overwrite", names=["alpha"])
+    assert code == 0, err
+    assert read_json(tmp_path / "one" / "alpha" / "finetune.json")["recipe"]["settings"]["steps"] == 31
+
+
+def test_finetune_freeze_keeps_parameters_at_the_base(tiny_setup, cli, tmp_path):
+    base, tasks = tiny_setup
+    code, _, err = cli("finetune", "--base", base, "--task", tasks / "alpha", "--out", tmp_path, "--device", "cpu",
+                       "--steps", 3, "--freeze", r"bert\.embeddings\..*")
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    tuned, pre = load_file(str(tmp_path / "alpha" / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert (tuned["bert.embeddings.word_embeddings.weight"] == pre["embeddings.word_embeddings.weight"]).all()
+    assert not (tuned["bert.pooler.dense.weight"] == pre["pooler.dense.weight"]).all()
+    code, _, err = cli("finetune", "--base", base, "--task", tasks / "alpha", "--out", tmp_path / "x", "--freeze", ".*")
+    assert code == 2 and "freezes every parameter" in err
+
+
+def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, tmp_path):
+    """The Makefile's own demo steps (finetune, stats, merge, baselines, eval) on a tiny base and two tasks."""
+    if shutil.which("make") is None:
+        pytest.fail("make is not installed; the demo is driven by the Makefile")
+    base, tasks = tiny_setup
+    demo = tmp_path / "demo"
+    command = ["make", "--no-print-directory", "-C", str(ROOT), "demo-steps", f"VENV={sys.prefix}",
+               f"DEMO_DIR={demo}", f"DEMO_DATA={tasks}", "DEMO_TASKS=alpha beta", f"DEMO_BASE={base}",
+               "DEMO_SCALINGS=0.5", "FINETUNE_ARGS=--steps 12 --batch-size 8 --device cpu --quiet",
+               "MERGE_ARGS=--device cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "REGMEAN_DEBUG": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert f"== {step}" in result.stdout
+    results = read_json(demo / "eval" / "results.json")
+    assert list(results["methods"]) == ["individual", "average", "task-arithmetic-0.5", "regmean"]
+    assert [t["name"] for t in results["tasks"]] == ["alpha", "beta"]
+    for task in ("alpha", "beta"):  # eval scores the candidates exactly as fine-tuning recorded them
+        recorded = read_json(demo / "candidates" / task / "finetune.json")["test"]
+        assert results["methods"]["individual"]["per_task"][task] == recorded
+    regmean = results["methods"]["regmean"]
+    assert regmean["average"] == pytest.approx(sum(v["accuracy"] for v in regmean["per_task"].values()) / 2)
+    assert read_json(demo / "merged" / "task_arithmetic_0.5" / "merge_report.json")["settings"]["scaling"] == 0.5
+    assert (demo / "eval" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (demo / "eval" / "results.md").read_text()
+    assert table.splitlines()[0] == "| method | alpha | beta | average | vs. individual |"
+    assert table in result.stdout and str(demo / "eval" / "accuracy.png") in result.stdout
+    assert json.loads((demo / "merged" / "regmean" / "per_candidate" / "beta" / "config.json").read_text())[
+        "id2label"] == {"0": "x", "1": "y", "2": "z"}
