@@ -67,12 +67,16 @@ def new_classifier(base: Path, task: ClassificationTask, seed: int) -> torch.nn.
     (or has in another size) is initialised from ``seed``."""
     transformers.set_seed(seed)
     labels = dict(enumerate(task.label_names))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     try:
         return transformers.AutoModelForSequenceClassification.from_pretrained(
             str(base), num_labels=task.num_labels, id2label=labels, label2id={v: k for k, v in labels.items()},
             ignore_mismatched_sizes=True, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise RegMeanError(f"--base {base}: cannot load as a sequence classifier ({str(exc).splitlines()[0]})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, steps: int, seed: int) -> list[list[int]]:
