@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 
 from .errors import RegMeanError
-from .manifest import GramEntry, Manifest, read_manifest
+from .manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
+from .paths import inside
 from .safetensors_io import SafetensorsFileWriter, TensorSpec
 from .symmetric import pack_upper, packed_length, unpack_upper
 
@@ -61,7 +64,8 @@ def write_cache(
             else:
                 chunk = min(spec.shape[0], ZARR_CHUNK_ELEMENTS)
                 array = group.create_array(spec.name, shape=spec.shape, dtype=packed.numpy().dtype,
-                                           chunks=(chunk,), compressors=None, fill_value=0)
+                                           chunks=(chunk,), compressors=None, fill_value=0,
+                                           config={"write_empty_chunks": True})  # readers count chunks
                 array[...] = packed.numpy()
         if manifest.storage == "safetensors":
             sink.close()
@@ -74,12 +78,22 @@ def write_cache(
 
 
 class GramCache:
-    """A finished cache folder, read lazily one Gram at a time."""
+    """A finished cache folder, read lazily one Gram at a time.
 
-    def __init__(self, folder: Path | str):
+    Nothing in the folder is trusted: the manifest is parsed strictly, files may not lead outside
+    the folder, and each array's shape, dtype and bytes on disk are checked against the manifest
+    before anything is allocated, then its checksum and values after reading.
+    """
+
+    def __init__(self, folder: Path | str, *, checkpoint: bool = False):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
-        self.path = self.folder / GRAM_FILES[self.manifest.storage]
+        if (CHECKPOINT_FIELD in self.manifest.extra) != checkpoint:
+            raise RegMeanError(f"{self.folder}: a checkpoint of an unfinished `regmean stats` run, not a cache; "
+                               "finish it with `regmean stats ... --resume`" if not checkpoint
+                               else f"{self.folder}: a finished cache, not a checkpoint")
+        file = GRAM_FILES[self.manifest.storage]
+        self.path = inside(self.folder, file, str(self.folder))
         if not self.path.exists():
             raise RegMeanError(f"{self.path}: missing; the cache in {self.folder} is incomplete")
         self._store = None
@@ -88,7 +102,7 @@ class GramCache:
     def name(self) -> str:
         return self.folder.name
 
-    def _open(self):
+    def _open(self, where: str):
         if self._store is None:
             try:
                 if self.manifest.storage == "zarr":
@@ -100,7 +114,7 @@ class GramCache:
 
                     self._store = safe_open(str(self.path), framework="np")
             except Exception as exc:  # damaged file: say which
-                raise RegMeanError(f"{self.path}: cannot open ({exc})") from None
+                raise RegMeanError(f"{where}: cannot open the file ({_first_line(exc)})") from None
         return self._store
 
     def read_packed(self, key: str) -> np.ndarray:
@@ -109,9 +123,10 @@ class GramCache:
         where = f"{self.path} (gram {key})"
         length = packed_length(entry.dim)
         dtype = np.dtype(self.manifest.accumulate_dtype)
-        store = self._open()
+        store = self._open(where)
         try:
             if self.manifest.storage == "zarr":
+                inside(self.path, key, where)
                 array = store[key]
                 shape, stored = tuple(array.shape), np.dtype(array.dtype)
             else:
@@ -119,14 +134,18 @@ class GramCache:
                 shape, stored = tuple(view.get_shape()), np.dtype(_NP_DTYPES.get(view.get_dtype(), "V"))
         except KeyError:
             raise RegMeanError(f"{where}: array missing") from None
+        except RegMeanError:
+            raise
         except Exception as exc:
-            raise RegMeanError(f"{where}: unreadable ({exc})") from None
+            raise RegMeanError(f"{where}: unreadable ({_first_line(exc)})") from None
         if shape != (length,) or stored != dtype:
             raise RegMeanError(f"{where}: stored as {stored}{list(shape)}, manifest says {dtype}[{length}]")
+        if self.manifest.storage == "zarr":
+            _check_zarr_chunks(array, self.path / key, where)
         try:
             values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.get_tensor(key))
         except Exception as exc:
-            raise RegMeanError(f"{where}: unreadable ({exc})") from None
+            raise RegMeanError(f"{where}: unreadable ({_first_line(exc)})") from None
         if gram_checksum(key, entry.tokens, values) != entry.checksum:
             raise RegMeanError(f"{where}: checksum mismatch; the cache is damaged or was edited")
         if not np.isfinite(values).all():
@@ -136,6 +155,39 @@ class GramCache:
     def read(self, key: str) -> torch.Tensor:
         """The full symmetric (d, d) Gram sum."""
         return unpack_upper(torch.from_numpy(self.read_packed(key)), self.manifest.grams[key].dim)
+
+
+def _check_zarr_chunks(array, folder: Path, where: str) -> None:
+    """Uncompressed chunks, all present as plain files of the full chunk size, before any read.
+
+    This bounds what reading can allocate by what is really on disk: metadata alone (a hostile
+    zarr.json with a huge shape and no chunks) cannot make us allocate, and a missing chunk is not
+    silently read as zeros.
+    """
+    if array.compressors or array.filters:
+        raise RegMeanError(f"{where}: compressed or filtered chunks; this tool writes plain ones")
+    chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
+    found = 0
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise RegMeanError(f"{where}: {path} is a link; a cache holds only plain files")
+        for name in files:
+            if root == str(folder) and name == "zarr.json":
+                continue
+            size = (Path(root) / name).stat().st_size
+            if size != chunk_bytes:
+                raise RegMeanError(f"{where}: chunk {Path(root, name).relative_to(folder)} holds {size} bytes, "
+                                   f"not {chunk_bytes}; the file is truncated or damaged")
+            found += 1
+    if found != array.nchunks:
+        raise RegMeanError(f"{where}: {found} chunk files on disk where {array.nchunks} belong; chunks are "
+                           "missing or foreign")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 _NP_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "V2"}

@@ -149,6 +149,11 @@ def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None
         if manifest.model["architecture"] != architecture:
             raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): architecture "
                                f"{manifest.model['architecture']}, but {first.name} is {architecture}")
+        theirs, ours = manifest.model.get("config"), first.grams.manifest.model.get("config")
+        for key in sorted(theirs.keys() & ours.keys()) if isinstance(theirs, dict) and isinstance(ours, dict) else []:
+            if theirs[key] != ours[key]:
+                raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): {key} = {theirs[key]!r}, but "
+                                   f"{first.name} has {ours[key]!r}; all candidates must share one architecture")
         if check_fingerprints:
             found = fingerprint(candidate.weights)
             if found != manifest.model["fingerprint"]:

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from .errors import RegMeanError
+from .paths import inside
 from .safetensors_io import DTYPE_NAMES, DTYPES_BY_NAME
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ class SafetensorsCheckpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise RegMeanError(f"{index}: not a valid safetensors index ({exc})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise RegMeanError(f"{index}: 'weight_map' must map tensor names to file names")
             files = sorted(set(weight_map.values()))
         else:
             files = [p.name for p in sorted(self.folder.glob("*.safetensors"))]
@@ -57,9 +60,8 @@ class SafetensorsCheckpoint:
         self._handles = {}
         self._file_of: dict[str, str] = {}
         for file in files:
-            path = (self.folder / file).resolve()
-            if path.parent != self.folder.resolve():
-                raise RegMeanError(f"{index}: shard {file!r} lies outside the model folder")
+            # Names from an index are untrusted text; files found by listing the folder are the folder's own.
+            path = inside(self.folder, file, f"{index} (shard)") if index.exists() else self.folder / file
             try:
                 handle = safe_open(str(path), framework="pt")
             except Exception as exc:
@@ -158,7 +160,11 @@ def open_weights(folder: Path, *, allow_pickle: bool = False) -> WeightSource:
         )
     state: dict[str, torch.Tensor] = {}
     for file in pickles:
-        state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        try:  # weights_only: the restricted unpickler that builds tensors and refuses to call anything else
+            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RegMeanError(f"{file}: refused or unreadable under torch.load(weights_only=True) ({first})") from None
     return StateDictWeights(state, reference=str(folder))
 
 

@@ -39,6 +39,14 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def _close_progress_bars() -> None:
+    """Bars a failed stage left open would share their line with the error message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _run(action, *, debug: bool):
     """Run a stage; user errors become one line on stderr and exit status 2."""
     try:
@@ -46,6 +54,7 @@ def _run(action, *, debug: bool):
     except RegMeanError as exc:
         if debug:
             raise
+        _close_progress_bars()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -55,6 +64,7 @@ def _run(action, *, debug: bool):
         if debug or os.environ.get("REGMEAN_DEBUG"):
             raise
         first = (str(exc).splitlines() or [""])[0]
+        _close_progress_bars()
         typer.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
         raise typer.Exit(1) from None
 
@@ -94,6 +104,8 @@ def stats(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint (beside OUT, in .OUT.checkpoint/) every N batches; 0: never.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint an interrupted run left (same inputs and options); without one, start from the beginning.")] = False,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -122,6 +134,7 @@ def stats(
             include_padding=pick(include_padding, cfg, "include_padding", False),
             format=pick(format, cfg, "format", "zarr"), trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet,
+            checkpoint_every=checkpoint_every, resume=resume,
         ))
 
     _run(action, debug=debug)

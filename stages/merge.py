@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import STAGING_MARK, check_target, staged_directory
+from regmean_pipeline.atomic import STAGING_MARK, check_target, output_lock, staged_directory
 from regmean_pipeline.cache import GramCache
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.executor import execute_merge
@@ -87,6 +88,21 @@ def open_candidates(options: MergeOptions) -> list[Candidate]:
 
 
 def run_merge(options: MergeOptions) -> dict:
+    """One merge; it holds OUT's lock throughout, so a second run on the same OUT stops at once."""
+    with output_lock(Path(options.out)):
+        return _run_merge(options)
+
+
+def finite_only(write: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
+    """A sink that refuses NaN or Inf, naming the parameter (damaged candidate weights end here)."""
+    def checked(name: str, tensor: torch.Tensor) -> None:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise RegMeanError(f"parameter {name}: the merged value holds NaN or Inf; a candidate's weights do")
+        write(name, tensor)
+    return checked
+
+
+def _run_merge(options: MergeOptions) -> dict:
     started = time.perf_counter()
     out = Path(options.out)
     check_target(out, overwrite=options.overwrite)
@@ -106,7 +122,7 @@ def run_merge(options: MergeOptions) -> dict:
     with staged_directory(out, overwrite=options.overwrite) as stage:
         writer = ShardedCheckpointWriter(stage, plan.outputs, max_shard)
         try:
-            result = execute_merge(plan, candidates, settings, writer.write, device=device, base=base,
+            result = execute_merge(plan, candidates, settings, finite_only(writer.write), device=device, base=base,
                                    progress=options.progress)
             writer.close()
         except BaseException:

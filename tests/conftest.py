@@ -64,3 +64,14 @@ def cli(monkeypatch):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault tally (tests/faults.py) of this session, for the README's Reliability table."""
+    from tests.faults import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("fault tally")
+        for line in lines:
+            terminalreporter.write_line(line)
