@@ -130,6 +130,8 @@ class GramCache:
                 array = store[key]
                 shape, stored = tuple(array.shape), np.dtype(array.dtype)
             else:
+                if key not in store.keys():
+                    raise KeyError(key)
                 view = store.get_slice(key)
                 shape, stored = tuple(view.get_shape()), np.dtype(_NP_DTYPES.get(view.get_dtype(), "V"))
         except KeyError:

@@ -109,6 +109,7 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
         raise RegMeanError("no candidates to merge: give --cache-dir with one stats cache per subfolder, or --cache")
     seen: dict[str, Candidate] = {}
     for candidate in candidates:
+        check_candidate_name(candidate.name)
         if candidate.name in seen:
             raise RegMeanError(f"candidate name {candidate.name!r} is used twice ({seen[candidate.name].where} and "
                                f"{candidate.where}); give each cache folder its own name")
@@ -139,6 +140,12 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
     log.info("plan: %d candidates, %d systems in %d batches, %d averaged and %d copied parameters",
              len(candidates), plan.num_systems, len(plan.batches), len(averaged), len(copied))
     return plan
+
+
+def check_candidate_name(name: str) -> None:
+    """Candidate names end up in reports and file names: plain names only, never a path."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RegMeanError(f"candidate name {name!r}: must be a plain name (no path separators, not '.' or '..')")
 
 
 def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None:

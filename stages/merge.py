@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,15 +92,6 @@ def run_merge(options: MergeOptions) -> dict:
         return _run_merge(options)
 
 
-def finite_only(write: Callable[[str, torch.Tensor], None]) -> Callable[[str, torch.Tensor], None]:
-    """A sink that refuses NaN or Inf, naming the parameter (damaged candidate weights end here)."""
-    def checked(name: str, tensor: torch.Tensor) -> None:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise RegMeanError(f"parameter {name}: the merged value holds NaN or Inf; a candidate's weights do")
-        write(name, tensor)
-    return checked
-
-
 def _run_merge(options: MergeOptions) -> dict:
     started = time.perf_counter()
     out = Path(options.out)
@@ -122,7 +112,7 @@ def _run_merge(options: MergeOptions) -> dict:
     with staged_directory(out, overwrite=options.overwrite) as stage:
         writer = ShardedCheckpointWriter(stage, plan.outputs, max_shard)
         try:
-            result = execute_merge(plan, candidates, settings, finite_only(writer.write), device=device, base=base,
+            result = execute_merge(plan, candidates, settings, writer.write, device=device, base=base,
                                    progress=options.progress)
             writer.close()
         except BaseException:

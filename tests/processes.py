@@ -8,6 +8,7 @@ fork instead of ten seconds of imports; a few tests also run the installed `regm
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import resource
@@ -39,6 +40,47 @@ def _main(argv: list[str], log: str, file_size_limit: int | None) -> None:
 
     sys.argv = ["regmean", *argv]
     app(argv, prog_name="regmean")
+
+
+def _vm_size() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _call(target: str, args: tuple, log: str, memory_headroom: int | None) -> None:
+    """Child: call ``module:function(*args)`` with at most ``memory_headroom`` more address space.
+
+    Exit 0 when it returns, 2 on RegMeanError (message printed), 3 on MemoryError.
+    """
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if memory_headroom is not None:
+        limit = _vm_size() + memory_headroom
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    from regmean_pipeline.errors import RegMeanError
+
+    module, name = target.split(":")
+    try:
+        getattr(importlib.import_module(module), name)(*args)
+    except RegMeanError as exc:
+        print(f"error: {exc}", flush=True)
+        os._exit(2)
+    except MemoryError:
+        print("MemoryError", flush=True)
+        os._exit(3)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def call(target: str, *args, log: Path, memory_headroom: int | None = None, timeout: float = 120) -> tuple[int, str]:
+    """Run ``module:function(*args)`` in a child process; (exit code, what it printed)."""
+    process = _context.Process(target=_call, args=(target, args, str(log), memory_headroom))
+    process.start()
+    code = Run(process, Path(log)).wait(timeout)
+    return code, Path(log).read_text(errors="replace")
 
 
 @dataclass
