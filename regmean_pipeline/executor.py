@@ -85,9 +85,13 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     work = [(batch, candidate) for batch in plan.batches for candidate in candidates]
     wait_started = time.perf_counter()
     matrix = rhs = anchor = target = None
+    noise = 0.0
     for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item)):
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
+        # The Grams' own precision: the solver treats conditions beyond it as singular.
+        precision = max(torch.finfo(p.dtype).eps for p in packed)
+        noise = precision if candidate is first else max(noise, precision)
         grams = torch.stack([unpack_upper(p.to(device, non_blocking=True), batch.dim) for p in packed]).to(dtype)
         scale = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
                              dtype=dtype, device=device)
@@ -106,7 +110,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
             target.add_(delta, alpha=candidate.coefficient / coefficient_sum)
         del grams, stacked
         if candidate is candidates[-1]:
-            result = solve_batch(matrix, rhs, anchor, target)
+            result = solve_batch(matrix, rhs, anchor, target, noise=noise)
             for i, group in enumerate(batch.groups):
                 offset = 0
                 for name, layer in group.layers:
@@ -118,6 +122,8 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
                         "weight": layer.weight, "gram": group.key, "solver": result.solver[i],
                         "condition_estimate": result.condition[i], "residual": result.residual[i],
                     }
+                    if result.rank[i] is not None:
+                        report_layers[name]["rank"] = result.rank[i]
             systems.update(len(batch.groups))
             matrix = rhs = anchor = target = result = None
         timings["solve"] += time.perf_counter() - solve_started
