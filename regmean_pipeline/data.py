@@ -51,6 +51,8 @@ def _load_any(spec: DatasetSpec):
     import datasets
 
     path = Path(spec.path).expanduser()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its load errors are reported below, once
     try:
         if path.is_file():
             if path.stat().st_size == 0 or (path.stat().st_size < 1 << 20 and not path.read_bytes().strip()):
@@ -80,6 +82,8 @@ def _load_any(spec: DatasetSpec):
             raise RegMeanError(f"dataset {path}: {bad_line}") from None
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise RegMeanError(f"dataset {spec.path}: cannot load ({first_line})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def first_bad_line(path: Path) -> str | None:
@@ -100,14 +104,22 @@ def first_bad_line(path: Path) -> str | None:
             if path.suffix.lower() == ".jsonl" and line.strip():
                 try:
                     json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
                 except ValueError as exc:
-                    return f"line {number} is not valid JSON ({str(exc).split(':')[0]})"
+                    return f"line {number} is not valid JSON ({exc})"
     return None
 
 
 def load_examples(spec: DatasetSpec, *, images: bool):
     """The first N examples after a seeded shuffle, with the columns checked and chosen."""
     dataset = _load_any(spec)
+    try:  # Arrow accepts invalid UTF-8 when loading and fails only when a row is read: check it all now
+        dataset.data.table.validate(full=True)
+    except Exception as exc:
+        path = Path(spec.path).expanduser()
+        problem = (first_bad_line(path) if path.is_file() else None) or f"holds invalid data ({exc})"
+        raise RegMeanError(f"dataset {spec.path}: {problem}") from None
     columns = list(dataset.column_names)
     if images:
         spec.image_column = _pick_column(spec, "image_column", spec.image_column, IMAGE_COLUMNS, columns)
