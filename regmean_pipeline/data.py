@@ -114,12 +114,6 @@ def first_bad_line(path: Path) -> str | None:
 def load_examples(spec: DatasetSpec, *, images: bool):
     """The first N examples after a seeded shuffle, with the columns checked and chosen."""
     dataset = _load_any(spec)
-    try:  # Arrow accepts invalid UTF-8 when loading and fails only when a row is read: check it all now
-        dataset.data.table.validate(full=True)
-    except Exception as exc:
-        path = Path(spec.path).expanduser()
-        problem = (first_bad_line(path) if path.is_file() else None) or f"holds invalid data ({exc})"
-        raise RegMeanError(f"dataset {spec.path}: {problem}") from None
     columns = list(dataset.column_names)
     if images:
         spec.image_column = _pick_column(spec, "image_column", spec.image_column, IMAGE_COLUMNS, columns)
@@ -142,13 +136,30 @@ def load_examples(spec: DatasetSpec, *, images: bool):
         if isinstance(examples.features.get(spec.image_column), datasets.Image):
             # Decoded by the collator, which can skip an undecodable image instead of crashing the loader.
             examples = examples.cast_column(spec.image_column, datasets.Image(decode=False))
+    _check_readable(examples, spec)
     return examples
+
+
+def used_columns(spec: DatasetSpec) -> list[str]:
+    return [c for c in (spec.text_column, spec.text_pair_column, spec.image_column) if c is not None]
+
+
+def _check_readable(examples, spec: DatasetSpec) -> None:
+    """Read the selected rows once: Arrow loads invalid UTF-8 without complaint and fails only when a
+    row is read, which would otherwise be in the middle of a run."""
+    try:
+        for _ in examples.select_columns(used_columns(spec)).iter(batch_size=1024):
+            pass
+    except Exception as exc:
+        path = Path(spec.path).expanduser()
+        problem = (first_bad_line(path) if path.is_file() else None) or f"holds unreadable values ({exc})"
+        raise RegMeanError(f"dataset {spec.path}: {problem}") from None
 
 
 def examples_digest(examples, spec: DatasetSpec) -> str:
     """sha256 of the columns a stats run reads, over the selected examples in order: what a resume
     must see again for its result to equal an uninterrupted run's."""
-    columns = [c for c in (spec.text_column, spec.text_pair_column, spec.image_column) if c is not None]
+    columns = used_columns(spec)
     digest = hashlib.sha256(json.dumps(columns).encode())
     for row in examples.select_columns(columns):
         for column in columns:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,9 @@ def test_merge_killed_at_random_points_never_leaves_half_an_output(workspace, un
                                  "--out", caches / "b", "--device", "cpu", log=tmp_path / "stats-b")
     assert code == 0, output
     merge = ["merge", "--cache-dir", caches, "--device", "cpu", "--max-shard-size", "20KB", "--batch-memory", "8KB"]
+    started = time.monotonic()
     code, output = processes.run(*merge, "--out", tmp_path / "expected", log=tmp_path / "expected.log")
+    duration = time.monotonic() - started
     assert code == 0, output
     expected = faults.snapshot(tmp_path / "expected")
     out = tmp_path / "merged"
@@ -150,19 +153,23 @@ def test_merge_killed_at_random_points_never_leaves_half_an_output(workspace, un
     earlier = faults.snapshot(out)
 
     staging = lambda: next(iter(tmp_path.glob(".merged.partial-*/model-00001-*")), None)  # noqa: E731
-    for attempt in range(6):
+    kills = 0
+    for attempt in range(8):
+        run = processes.start(*merge, "--out", out, "--overwrite", log=tmp_path / f"merge{attempt}")
+        if attempt % 2:
+            processes.wait_for(lambda: staging() is not None, run=run)  # while shards are being written
+        else:
+            processes.wait_for(lambda: False, timeout=rng.uniform(0, 0.9 * duration), run=run)
+        if not run.alive():  # finished before the kill: a complete output, as it should be
+            assert run.wait() == 0, run.output()
+            earlier = faults.snapshot(out)
+            continue
         with faults.trial("merge killed (SIGKILL) at a random point"):
-            run = processes.start(*merge, "--out", out, "--overwrite", log=tmp_path / f"merge{attempt}")
-            if attempt % 2:
-                processes.wait_for(lambda: staging() is not None, run=run)  # while shards are being written
-            else:
-                processes.wait_for(lambda: False, timeout=rng.uniform(0.1, 2.0), run=run)
-            if not run.alive():
-                assert run.wait() == 0
-                break
             run.kill()
             assert run.wait() == -signal.SIGKILL
             faults.assert_intact("merge killed (SIGKILL) at a random point", out, earlier)
+            kills += 1
+    assert kills >= 4
     code, output = processes.run(*merge, "--out", out, "--overwrite", log=tmp_path / "final.log")
     assert code == 0, output
     ours = faults.snapshot(out)
@@ -253,3 +260,17 @@ def test_console_script_kill_and_resume(workspace, tmp_path):
         result = run_script(*args, "--resume")
         assert "resuming" not in result.stderr  # --quiet
         assert GramCache(out).manifest.examples == 100
+
+
+def test_an_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path):
+    """Where the OS cannot exchange two folders atomically, publishing moves the old output aside first;
+    a kill right then leaves it in .NAME.old-*/previous, and the next run on that output restores it."""
+    from regmean_pipeline.atomic import output_lock
+
+    target = tmp_path / "merged"
+    (tmp_path / ".merged.old-x1y2" / "previous").mkdir(parents=True)
+    (tmp_path / ".merged.old-x1y2" / "previous" / "model.safetensors").write_text("earlier output")
+    (tmp_path / ".merged.partial-abc").mkdir()  # and a staging folder of the killed run
+    with faults.trial("merge killed (SIGKILL) at a random point"), output_lock(target):
+        assert (target / "model.safetensors").read_text() == "earlier output"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", "merged"]
