@@ -21,6 +21,7 @@ from pathlib import Path
 import filelock
 
 from .errors import RegMeanError
+from .storage import Folder
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,48 @@ def staged_directory(target: Path | str, *, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def published_folder(target: Folder, *, overwrite: bool = False, ready_marker: str) -> Iterator[Folder]:
+    """Yield a folder to write an output into; it is accepted by readers only once complete.
+
+    A local target is staged and renamed (``staged_directory``). An object store has no rename, so
+    there the output is written in place with ``ready_marker`` (the manifest) as its last file: an
+    old output loses its marker first, and a failed run deletes what it wrote. Readers must require
+    the marker, which they do for caches.
+    """
+    if target.is_local:
+        with staged_directory(target.local_path, overwrite=overwrite) as stage:
+            yield Folder(stage)
+        return
+    check_remote_target(target, overwrite=overwrite)
+    if not target.is_empty():
+        target.remove(ready_marker)  # from here on no reader accepts the old output
+        target.remove_all()
+    try:
+        yield target
+    except BaseException:
+        try:
+            target.remove(ready_marker)
+            target.remove_all()
+        except Exception as exc:  # the marker never got written, so what is left is inert
+            log.warning("%s: could not delete a partial output (%s); nothing reads it without %s",
+                        target, exc, ready_marker)
+        raise
+
+
+def check_remote_target(target: Folder, *, overwrite: bool) -> None:
+    """check_target for a folder on an object store: any object under its prefix counts as existing."""
+    if not target.is_empty() and not overwrite:
+        raise RegMeanError(f"{target}: already exists; pass --overwrite to replace it")
+
+
+def check_folder_target(target: Folder, *, overwrite: bool) -> None:
+    if target.is_local:
+        check_target(target.local_path, overwrite=overwrite)
+    else:
+        check_remote_target(target, overwrite=overwrite)
 
 
 def _publish(stage: Path, target: Path, *, overwrite: bool) -> None:

@@ -7,11 +7,13 @@ when the Gram is read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
-import os
-from collections.abc import Mapping
+import posixpath
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ import torch
 from .errors import RegMeanError
 from .manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
 from .paths import inside
-from .safetensors_io import SafetensorsFileWriter, TensorSpec
+from .safetensors_io import RangedSafetensorsReader, SafetensorsFileWriter, TensorSpec
+from .storage import Folder
 from .symmetric import pack_upper, packed_length, unpack_upper
 
 log = logging.getLogger(__name__)
@@ -36,27 +39,40 @@ def gram_checksum(key: str, tokens: int, packed: np.ndarray) -> str:
 
 
 def write_cache(
-    folder: Path,
+    folder: Path | Folder,
     manifest: Manifest,
     sums: Mapping[str, torch.Tensor],
 ) -> Manifest:
-    """Write every Gram of ``sums`` (keys and tokens already in ``manifest.grams``), then the manifest.
+    """Write every Gram of ``sums`` (keys and tokens already in ``manifest.grams``), then the manifest."""
+    return write_packed_cache(folder, manifest, lambda key: pack_upper(sums[key]))
 
-    The manifest goes last: a folder without one is never a cache.
+
+def write_packed_cache(
+    folder: Path | Folder,
+    manifest: Manifest,
+    packed_gram: Callable[[str], torch.Tensor | np.ndarray],
+) -> Manifest:
+    """Write each Gram, packed, as ``packed_gram(key)`` yields it one at a time, then the manifest.
+
+    The manifest goes last: a folder without one is never a cache. On an object store (no rename)
+    this order is what keeps a reader from ever accepting half a cache.
     """
-    folder = Path(folder)
+    folder = Folder(folder)
     dtype = getattr(torch, manifest.accumulate_dtype)
     specs = [TensorSpec(key, dtype, (packed_length(entry.dim),)) for key, entry in manifest.grams.items()]
-    path = folder / GRAM_FILES[manifest.storage]
+    name = GRAM_FILES[manifest.storage]
     if manifest.storage == "safetensors":
+        # Written locally at its offsets, then uploaded whole when the folder is remote.
+        scratch = tempfile.TemporaryDirectory(prefix="regmean-cache-") if not folder.is_local else None
+        path = Path(scratch.name if scratch else folder.path) / name
         sink = SafetensorsFileWriter(path, specs, metadata={"format": "regmean-stats"})
     else:
         import zarr
 
-        group = zarr.open_group(str(path), mode="w-")
+        group = zarr.open_group(folder.zarr_store(name, writable=True), mode="w-")
     try:
         for spec in specs:
-            packed = pack_upper(sums[spec.name].to(dtype)).cpu()
+            packed = torch.as_tensor(packed_gram(spec.name)).to("cpu", dtype)
             entry = manifest.grams[spec.name]
             entry.checksum = gram_checksum(spec.name, entry.tokens, packed.numpy())
             if manifest.storage == "safetensors":
@@ -69,32 +85,39 @@ def write_cache(
                 array[...] = packed.numpy()
         if manifest.storage == "safetensors":
             sink.close()
+            if scratch is not None:
+                folder.put_file(path, name)
     except BaseException:
         if manifest.storage == "safetensors":
             sink.abort()
         raise
+    finally:
+        if manifest.storage == "safetensors" and scratch is not None:
+            scratch.cleanup()
     manifest.write(folder)
     return manifest
 
 
 class GramCache:
-    """A finished cache folder, read lazily one Gram at a time.
+    """A finished cache folder (local or an fsspec URL), read lazily one Gram at a time.
 
     Nothing in the folder is trusted: the manifest is parsed strictly, files may not lead outside
     the folder, and each array's shape, dtype and bytes on disk are checked against the manifest
     before anything is allocated, then its checksum and values after reading.
     """
 
-    def __init__(self, folder: Path | str, *, checkpoint: bool = False):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path | str | Folder, *, checkpoint: bool = False):
+        self.folder = Folder(folder)
         self.manifest = read_manifest(self.folder)
         if (CHECKPOINT_FIELD in self.manifest.extra) != checkpoint:
             raise RegMeanError(f"{self.folder}: a checkpoint of an unfinished `regmean stats` run, not a cache; "
                                "finish it with `regmean stats ... --resume`" if not checkpoint
                                else f"{self.folder}: a finished cache, not a checkpoint")
         file = GRAM_FILES[self.manifest.storage]
-        self.path = inside(self.folder, file, str(self.folder))
-        if not self.path.exists():
+        if self.folder.is_local:
+            inside(self.folder.local_path, file, str(self.folder))
+        self.path = self.folder.child(file)
+        if not self.folder.exists(file):
             raise RegMeanError(f"{self.path}: missing; the cache in {self.folder} is incomplete")
         self._store = None
 
@@ -104,15 +127,19 @@ class GramCache:
 
     def _open(self, where: str):
         if self._store is None:
+            file = GRAM_FILES[self.manifest.storage]
             try:
                 if self.manifest.storage == "zarr":
                     import zarr
 
-                    self._store = zarr.open_group(str(self.path), mode="r")
-                else:
+                    self._store = zarr.open_group(self.folder.zarr_store(file, writable=False), mode="r")
+                elif self.folder.is_local:
                     from safetensors import safe_open
 
                     self._store = safe_open(str(self.path), framework="np")
+                else:
+                    self._store = RangedSafetensorsReader(functools.partial(self.folder.read_range, file),
+                                                          self.folder.size(file), str(self.path))
             except Exception as exc:  # damaged file: say which
                 raise RegMeanError(f"{where}: cannot open the file ({_first_line(exc)})") from None
         return self._store
@@ -126,7 +153,8 @@ class GramCache:
         store = self._open(where)
         try:
             if self.manifest.storage == "zarr":
-                inside(self.path, key, where)
+                if self.folder.is_local:
+                    inside(self.path.local_path, key, where)
                 array = store[key]
                 shape, stored = tuple(array.shape), np.dtype(array.dtype)
             else:
@@ -143,7 +171,7 @@ class GramCache:
         if shape != (length,) or stored != dtype:
             raise RegMeanError(f"{where}: stored as {stored}{list(shape)}, manifest says {dtype}[{length}]")
         if self.manifest.storage == "zarr":
-            _check_zarr_chunks(array, self.path / key, where)
+            _check_zarr_chunks(array, self.path.child(key), where)
         try:
             values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.get_tensor(key))
         except Exception as exc:
@@ -159,7 +187,7 @@ class GramCache:
         return unpack_upper(torch.from_numpy(self.read_packed(key)), self.manifest.grams[key].dim)
 
 
-def _check_zarr_chunks(array, folder: Path, where: str) -> None:
+def _check_zarr_chunks(array, folder: Folder, where: str) -> None:
     """Uncompressed chunks, all present as plain files of the full chunk size, before any read.
 
     This bounds what reading can allocate by what is really on disk: metadata alone (a hostile
@@ -170,19 +198,16 @@ def _check_zarr_chunks(array, folder: Path, where: str) -> None:
         raise RegMeanError(f"{where}: compressed or filtered chunks; this tool writes plain ones")
     chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
     found = 0
-    for root, folders, files in os.walk(folder):
-        for name in folders + files:
-            path = Path(root) / name
-            if path.is_symlink():
-                raise RegMeanError(f"{where}: {path} is a link; a cache holds only plain files")
-        for name in files:
-            if root == str(folder) and name == "zarr.json":
-                continue
-            size = (Path(root) / name).stat().st_size
-            if size != chunk_bytes:
-                raise RegMeanError(f"{where}: chunk {Path(root, name).relative_to(folder)} holds {size} bytes, "
-                                   f"not {chunk_bytes}; the file is truncated or damaged")
-            found += 1
+    for path, info in folder.fs.find(folder.path, withdirs=True, detail=True).items():
+        relative = posixpath.relpath(path, folder.path)
+        if info.get("islink"):
+            raise RegMeanError(f"{where}: {relative} is a link; a cache holds only plain files")
+        if info.get("type") != "file" or relative == "zarr.json":
+            continue
+        if info.get("size") != chunk_bytes:
+            raise RegMeanError(f"{where}: chunk {relative} holds {info.get('size')} bytes, not {chunk_bytes}; "
+                               "the file is truncated or damaged")
+        found += 1
     if found != array.nchunks:
         raise RegMeanError(f"{where}: {found} chunk files on disk where {array.nchunks} belong; chunks are "
                            "missing or foreign")

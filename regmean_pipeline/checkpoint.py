@@ -3,9 +3,10 @@
 A checkpoint is an ordinary cache folder (safetensors Grams, checksummed, manifest last) whose
 manifest carries ``extra.checkpoint``: how many loader batches it covers and the run's identity
 (weights fingerprint, examples, options). It lives in a hidden ``.NAME.checkpoint/`` folder beside
-OUT; each one is staged and renamed into place (atomic), then the one before it is deleted, so a
-kill at any moment leaves the previous checkpoint or the new one, never half of one. Merge refuses
-checkpoint manifests, and ``--cache-dir`` never lists hidden folders.
+OUT; each one is staged and renamed into place (atomic), then the one before it is renamed out of
+sight and deleted, so a kill at any moment leaves the previous checkpoint or the new one (or both),
+never half of one under a checkpoint's name. Merge refuses checkpoint manifests, and ``--cache-dir``
+never lists hidden folders.
 
 Examples are selected by a seeded shuffle and batched in a fixed order, so the batches already done
 are skipped by position: the resumed run sees exactly the batches the uninterrupted one would.
@@ -14,8 +15,10 @@ are skipped by position: the resumed run sees exactly the batches the uninterrup
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +130,10 @@ class StatsCheckpoints:
             write_cache(stage, manifest, stats.sums)
         for _, folder in previous:
             if folder.name != f"batches-{batches:09d}":
-                shutil.rmtree(folder, ignore_errors=True)
+                # Out of sight first (one atomic rename), then deleted: a kill halfway through a delete
+                # must not leave a half-deleted folder under a checkpoint's name.
+                doomed = folder.with_name(f".{folder.name}.deleting-{uuid.uuid4().hex[:8]}")
+                os.rename(folder, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
         self._saved_at = batches
         log.debug("checkpoint: %d batches -> %s", batches, self.folder)

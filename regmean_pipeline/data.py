@@ -267,13 +267,16 @@ class Batches:
 
     def __init__(self, loader: DataLoader, *, consumed: int = 0, counts: Mapping[str, int] | None = None):
         self.loader = loader
+        self._start, self._start_counts = consumed, dict(counts or {})
         self.consumed = consumed
-        self.counts: Counter[str] = Counter(counts or {})
+        self.counts: Counter[str] = Counter(self._start_counts)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # Each pass (a multi-pass run reads the data once per group of layers) counts afresh.
+        self.consumed, self.counts = self._start, Counter(self._start_counts)
         for batch in self.loader:
             self.consumed += 1
             for key in [key for key in batch if key.startswith(COUNT_PREFIX)]:

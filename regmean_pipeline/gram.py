@@ -200,16 +200,19 @@ def collect_grams(
     include_padding: bool = False,
     accumulate_dtype: torch.dtype = torch.float32,
     progress=None,
+    layers: Iterable[LinearLayer] | None = None,
     start: GramStats | None = None,
     after_batch: Callable[[GramAccumulator], None] | None = None,
 ) -> GramStats:
     """Run the model over the batches with the hooks on; the one loop shared by stats and the API.
 
+    ``layers`` limits the hooks to some layers (one pass of a multi-pass run); default: all.
     ``start``: sums to continue from (a resumed run); ``after_batch``: called once each batch is
     accumulated and checked (checkpoints).
     """
     model.eval()
-    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype) as acc:
+    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
+                         layers=layers) as acc:
         if start is not None:
             acc.restore(start, device)
         with torch.inference_mode():

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RegMeanError
+from .storage import Folder
 
 FORMAT = "regmean-stats"
 VERSION = 1
@@ -60,12 +61,17 @@ class Manifest:
     tool: str = ""
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    shard: dict[str, int] | None = None  # {"index": I, "count": N}: this cache holds share I of N
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=False) + "\n"
 
-    def write(self, folder: Path) -> None:
-        with open(Path(folder) / MANIFEST_NAME, "w") as file:
+    def write(self, folder: Path | Folder) -> None:
+        folder = Folder(folder)
+        if not folder.is_local:
+            folder.write_text(MANIFEST_NAME, self.to_json())
+            return
+        with open(folder.local_path / MANIFEST_NAME, "w") as file:
             file.write(self.to_json())
             file.flush()
             os.fsync(file.fileno())  # the manifest marks the folder complete: it must not outlive its data
@@ -160,6 +166,11 @@ def parse_manifest(data: Any, where: str) -> Manifest:
         _check(layer.in_features == grams[gram].dim, at,
                f"in_features {layer.in_features} differs from its gram's dim {grams[gram].dim}")
         layers[name] = layer
+    shard = data.get("shard")
+    if shard is not None:
+        _check(isinstance(shard, dict), where, "field 'shard' is not an object")
+        count = _count(shard, "count", f"{where} (shard)", 1, 1 << 20)
+        shard = {"index": _count(shard, "index", f"{where} (shard)", 0, count - 1), "count": count}
     unused = set(grams) - {layer.gram for layer in layers.values()}
     _check(not unused, where, f"grams used by no layer: {sorted(unused)[:3]}")
 
@@ -179,17 +190,18 @@ def parse_manifest(data: Any, where: str) -> Manifest:
         tool=str(data.get("tool", "")),
         created=str(data.get("created", "")),
         extra=data.get("extra", {}) if isinstance(data.get("extra", {}), dict) else {},
+        shard=shard,
     )
 
 
-def read_manifest(folder: Path | str) -> Manifest:
-    path = Path(folder) / MANIFEST_NAME
+def read_manifest(folder: Path | str | Folder) -> Manifest:
+    folder = Folder(folder)
+    path = folder.child(MANIFEST_NAME)
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise RegMeanError(f"{path}: {path.stat().st_size} bytes, more than any manifest needs "
-                               f"({MAX_MANIFEST_BYTES}); refused")
-        with open(path, "rb") as file:
-            raw = file.read(MAX_MANIFEST_BYTES + 1)
+        size = folder.size(MANIFEST_NAME)
+        if size > MAX_MANIFEST_BYTES:
+            raise RegMeanError(f"{path}: {size} bytes, more than any manifest needs ({MAX_MANIFEST_BYTES}); refused")
+        raw = folder.read_range(MANIFEST_NAME, 0, size)
     except FileNotFoundError:
         raise RegMeanError(f"{path}: no manifest; not a regmean stats cache (or an unfinished one)") from None
     except OSError as exc:

@@ -136,7 +136,7 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
     averaged = [name for name in names if name not in solved and not excluded(name)]
     outputs = [TensorSpec(name, (copy_source if excluded(name) else first.weights).dtype(name),
                           (copy_source if excluded(name) else first.weights).shape(name)) for name in names]
-    plan = MergePlan(_batches(groups, settings), averaged, copied, outputs, unsolved)
+    plan = MergePlan(solve_batches(groups, settings), averaged, copied, outputs, unsolved)
     log.info("plan: %d candidates, %d systems in %d batches, %d averaged and %d copied parameters",
              len(candidates), plan.num_systems, len(plan.batches), len(averaged), len(copied))
     return plan
@@ -233,15 +233,19 @@ def _weight_shape(layer: LayerEntry) -> tuple[int, int]:
     return (layer.in_features, layer.out_features) if layer.transposed else (layer.out_features, layer.in_features)
 
 
-def _batches(groups: list[GramGroup], settings: MergeSettings) -> list[SolveBatch]:
+def system_bytes(dim: int, width: int, dtype: torch.dtype) -> int:
+    """Working memory of one system in a solve batch: A, one G_i, RHS, target, W_i, solution."""
+    return (2 * dim * dim + 4 * dim * width) * torch.empty((), dtype=dtype).element_size()
+
+
+def solve_batches(groups: list[GramGroup], settings: MergeSettings) -> list[SolveBatch]:
     """Equal-shaped systems together, as many per batch as the memory budget allows."""
-    element = torch.empty((), dtype=settings.solve_dtype).element_size()
     by_shape: dict[tuple[int, int], list[GramGroup]] = defaultdict(list)
     for group in groups:
         by_shape[(group.dim, group.width)].append(group)
     batches = []
     for (dim, width), members in by_shape.items():
-        per_system = (2 * dim * dim + 4 * dim * width) * element  # A, one G_i, RHS, target, W_i, solution
+        per_system = system_bytes(dim, width, settings.solve_dtype)
         size = max(1, settings.batch_bytes // per_system)
         for start in range(0, len(members), size):
             batches.append(SolveBatch(dim, width, members[start:start + size]))

@@ -104,13 +104,21 @@ def stats(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: run share I (0-based) of N of the examples and write the shard cache OUT/shard-I-of-N; merge reads OUT as one candidate, or `regmean combine` sums the shards.")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="accelerate device map (auto, balanced, sequential): spread a model too large for one device over the GPUs and CPU.")] = None,
+    max_gram_memory: Annotated[Optional[str], typer.Option(help="Memory for all Gram accumulators together (e.g. 40GiB); when they need more, the layers are split into groups with one pass over the data each.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint (beside OUT, in .OUT.checkpoint/) every N batches; 0: never.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint an interrupted run left (same inputs and options); without one, start from the beginning.")] = False,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Run one fine-tuned model over its task data and write its per-layer Gram cache."""
+    """Run one fine-tuned model over its task data and write its per-layer Gram cache.
+
+    OUT may be a local folder or an fsspec URL (s3://bucket/prefix/name). Under
+    `torchrun --nproc_per_node N -m stages stats ...` the N processes split the examples and rank 0
+    writes the one cache.
+    """
     _setup_logging(quiet, debug)
 
     def action():
@@ -122,7 +130,7 @@ def stats(
         if target is None:
             if "cache_dir" not in cfg:
                 raise RegMeanError("--out: missing (or give a --config with cache_dir)")
-            target = str(Path(cfg["cache_dir"]) / Path(model.rstrip("/")).name)
+            target = f"{cfg['cache_dir'].rstrip('/')}/{Path(model.rstrip('/')).name}"
         run_stats(StatsOptions(
             model=model, dataset=dataset, out=target, split=split, text_column=text_column,
             text_pair_column=text_pair_column, image_column=image_column,
@@ -133,7 +141,8 @@ def stats(
             accumulate_dtype=pick(accumulate_dtype, cfg, "accumulate_dtype", "float32"),
             include_padding=pick(include_padding, cfg, "include_padding", False),
             format=pick(format, cfg, "format", "zarr"), trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet,
+            allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet, shard=shard,
+            device_map=device_map, max_gram_memory=max_gram_memory,
             checkpoint_every=checkpoint_every, resume=resume,
         ))
 
@@ -179,6 +188,66 @@ def merge(
             max_shard_size=max_shard_size, batch_memory=batch_memory, allow_pickle=allow_pickle,
             overwrite=overwrite, progress=not quiet,
         ))
+
+    _run(action, debug=debug)
+
+
+@app.command()
+def combine(
+    sources: Annotated[list[str], typer.Argument(help="Shard caches, or candidate folders holding them (local or fsspec URLs).")],
+    out: Annotated[str, typer.Option(help="Cache folder to write: the exact sum of the shards (local or an fsspec URL).")],
+    format: Annotated[Optional[str], typer.Option("--format", help="Storage of the combined cache (default: the shards').")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache at OUT.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Sum the shard caches of one candidate (`regmean stats --shard I/N`) into one ordinary cache."""
+    _setup_logging(quiet, debug)
+
+    def action():
+        from stages.combine import run_combine
+
+        run_combine(sources, out, storage=format, overwrite=overwrite)
+
+    _run(action, debug=debug)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="A model folder, its config.json, or a hub id; only the config is read.")],
+    candidates: Annotated[int, typer.Option(help="Number of candidates to merge.")] = 2,
+    dtype: Annotated[Optional[str], typer.Option(help="Weight dtype [default: the config's torch_dtype, else float32].")] = None,
+    accumulate_dtype: Annotated[str, typer.Option(help="Gram accumulation dtype: float32 or float64.")] = "float32",
+    solve_dtype: Annotated[str, typer.Option(help="Merge solve dtype: float32 or float64.")] = "float32",
+    batch_memory: Annotated[str, typer.Option(help="The merge's --batch-memory.")] = "1GiB",
+    max_gram_memory: Annotated[Optional[str], typer.Option(help="The stats' --max-gram-memory: also report the passes it takes.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the numbers (bytes) as JSON instead of a table.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Print cache size, stats memory and merge memory for a model, from its config alone (no weights)."""
+    _setup_logging(quiet, debug)
+
+    def action():
+        import json
+
+        from regmean_pipeline.hf_output import parse_size
+        from regmean_pipeline.models import parse_dtype
+        from regmean_pipeline.sizing import estimate, table
+
+        try:
+            budget = parse_size(max_gram_memory) if max_gram_memory else None
+            batch = parse_size(batch_memory)
+        except ValueError as exc:
+            raise RegMeanError(f"--max-gram-memory/--batch-memory: {exc}") from None
+        if dtype is not None:
+            parse_dtype(dtype)
+        sizes = estimate(model, candidates=candidates, dtype=dtype,
+                         accumulate_dtype=parse_dtype(accumulate_dtype, "--accumulate-dtype"),
+                         solve_dtype=parse_dtype(solve_dtype, "--solve-dtype"), batch_memory=batch,
+                         gram_budget=budget, trust_remote_code=trust_remote_code)
+        typer.echo(json.dumps(sizes.as_dict(), indent=1) if json_output else table(sizes))
 
     _run(action, debug=debug)
 

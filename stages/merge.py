@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,13 +15,17 @@ import torch
 from regmean_pipeline import __version__
 from regmean_pipeline.atomic import STAGING_MARK, check_target, output_lock, staged_directory
 from regmean_pipeline.cache import GramCache
+from regmean_pipeline.distributed import Ranks, all_ok, broadcast_text, process_group, rank_device
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.executor import execute_merge
 from regmean_pipeline.hf_output import copy_model_files, parse_size, write_json
 from regmean_pipeline.manifest import MANIFEST_NAME
 from regmean_pipeline.models import parse_dtype, resolve_device
-from regmean_pipeline.plan import Candidate, MergeSettings, plan_merge
+from regmean_pipeline.layer_parallel import output_owners, split_plan
+from regmean_pipeline.plan import Candidate, GramSource, MergeSettings, plan_merge
 from regmean_pipeline.safetensors_io import ShardedCheckpointWriter
+from regmean_pipeline.shards import open_sharded, shard_folders
+from regmean_pipeline.storage import Folder
 from regmean_pipeline.weights import open_weights, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -47,52 +53,72 @@ class MergeOptions:
     progress: bool = True
 
 
-def discover_caches(cache_dir: str | None, caches: list[str]) -> list[Path]:
-    """Every subfolder of cache_dir holding a manifest (sorted by name), then each explicit --cache."""
-    found: list[Path] = []
+def discover_caches(cache_dir: str | None, caches: list[str]) -> list[Folder]:
+    """Every subfolder of cache_dir holding a manifest or shard caches (sorted by name), then each --cache.
+
+    Folders may be local paths or fsspec URLs (s3://bucket/prefix).
+    """
+    found: list[Folder] = []
     if cache_dir is not None:
-        root = Path(cache_dir)
+        root = Folder(cache_dir)
         if not root.is_dir():
             raise RegMeanError(f"--cache-dir {root}: no such folder")
-        found += [p for p in sorted(root.iterdir())
-                  if p.is_dir() and not p.name.startswith(".") and STAGING_MARK not in p.name
-                  and (p / MANIFEST_NAME).exists()]
+        found += [sub for sub in root.subfolders()
+                  if not sub.name.startswith(".") and STAGING_MARK not in sub.name
+                  and (sub.exists(MANIFEST_NAME) or shard_folders(sub))]
         if not found and not caches:
             raise RegMeanError(f"--cache-dir {root}: no subfolder holds a {MANIFEST_NAME} (run `regmean stats` first)")
     for cache in caches:
-        path = Path(cache)
-        if not (path / MANIFEST_NAME).exists():
-            raise RegMeanError(f"--cache {path}: no {MANIFEST_NAME}; not a finished stats cache")
-        found.append(path)
+        folder = Folder(cache)
+        if not folder.exists(MANIFEST_NAME) and not shard_folders(folder):
+            raise RegMeanError(f"--cache {folder}: no {MANIFEST_NAME}; not a finished stats cache")
+        found.append(folder)
     return found
 
 
+def open_grams(folder: Folder) -> GramSource:
+    """A candidate's Grams: its cache, or the sum of the shard caches its folder holds."""
+    if not folder.exists(MANIFEST_NAME):
+        return open_sharded([folder], where=str(folder))
+    cache = GramCache(folder)
+    if cache.manifest.shard is not None:
+        shard = cache.manifest.shard
+        raise RegMeanError(f"{folder}: shard {shard['index']} of {shard['count']} of a candidate; give the folder "
+                           "holding all its shards, or sum them first with `regmean combine`")
+    return cache
+
+
 def open_candidates(options: MergeOptions) -> list[Candidate]:
-    caches = [GramCache(path) for path in discover_caches(options.cache_dir, options.caches)]
-    names = {cache.name for cache in caches}
+    folders = discover_caches(options.cache_dir, options.caches)
+    names = {folder.name for folder in folders}
     for flag, given in (("--model", options.models), ("--coefficient", options.coefficients)):
         unknown = sorted(set(given) - names)
         if unknown:
             raise RegMeanError(f"{flag} {unknown[0]}=...: no candidate has that name (candidates: {', '.join(sorted(names))})")
     candidates = []
-    for cache in caches:
-        reference = options.models.get(cache.name, cache.manifest.model["reference"])
+    for folder in folders:
+        grams = open_grams(folder)
+        reference = options.models.get(folder.name, grams.manifest.model["reference"])
         try:
-            folder = resolve_model_dir(reference)
+            model_dir = resolve_model_dir(reference)
         except RegMeanError as exc:
-            raise RegMeanError(f"candidate {cache.name}: {exc} (set its weights with --model {cache.name}=PATH)") from None
-        candidates.append(Candidate(cache.name, cache, open_weights(folder, allow_pickle=options.allow_pickle),
-                                    float(options.coefficients.get(cache.name, 1.0)), folder, str(cache.folder)))
+            raise RegMeanError(f"candidate {folder.name}: {exc} (set its weights with --model {folder.name}=PATH)") from None
+        candidates.append(Candidate(folder.name, grams, open_weights(model_dir, allow_pickle=options.allow_pickle),
+                                    float(options.coefficients.get(folder.name, 1.0)), model_dir, str(folder)))
     return candidates
 
 
 def run_merge(options: MergeOptions) -> dict:
-    """One merge; it holds OUT's lock throughout, so a second run on the same OUT stops at once."""
-    with output_lock(Path(options.out)):
-        return _run_merge(options)
+    """One merge; under torchrun, one rank of it (the ranks share the solves, rank 0 publishes).
+
+    The publishing process holds OUT's lock throughout, so a second run on the same OUT stops at once.
+    """
+    with process_group() as ranks:
+        with output_lock(Path(options.out)) if ranks.is_main else contextlib.nullcontext():
+            return _run_merge(options, ranks)
 
 
-def _run_merge(options: MergeOptions) -> dict:
+def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
     started = time.perf_counter()
     out = Path(options.out)
     check_target(out, overwrite=options.overwrite)
@@ -102,33 +128,70 @@ def _run_merge(options: MergeOptions) -> dict:
         raise RegMeanError(f"--max-shard-size/--batch-memory: {exc}") from None
     settings = MergeSettings(options.reduce_non_diagonal_ratio, options.gram_weighting, list(options.exclude),
                              parse_dtype(options.solve_dtype, "--solve-dtype"), batch_bytes)
-    device = resolve_device(options.device)
+    device = resolve_device(rank_device(ranks, options.device))
     candidates = open_candidates(options)
     base_folder = resolve_model_dir(options.base) if options.base else None
     base = open_weights(base_folder, allow_pickle=options.allow_pickle) if base_folder else None
     plan = plan_merge(candidates, settings, base=base)
+    parts = split_plan(plan, ranks.world)
+    owners = output_owners(parts)
     planned = time.perf_counter()
 
-    with staged_directory(out, overwrite=options.overwrite) as stage:
-        writer = ShardedCheckpointWriter(stage, plan.outputs, max_shard)
+    with contextlib.ExitStack() as publish:
+        stage = publish.enter_context(staged_directory(out, overwrite=options.overwrite)) if ranks.is_main else None
+        if ranks.active:  # every rank writes its files into rank 0's staging folder (a shared filesystem)
+            stage = Path(broadcast_text(str(stage) if stage else None))
+        writer = None
         try:
-            result = execute_merge(plan, candidates, settings, writer.write, device=device, base=base,
-                                   progress=options.progress)
+            writer = ShardedCheckpointWriter(stage, plan.outputs, max_shard, owner_of=owners.__getitem__,
+                                             rank=ranks.rank)
+            result = execute_merge(parts[ranks.rank], candidates, settings, writer.write, device=device, base=base,
+                                   progress=options.progress and ranks.is_main)
             writer.close()
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
+            if ranks.active:
+                all_ok(False)
             raise
+        if ranks.active:
+            write_json(stage / f"{RANK_RESULT}{ranks.rank}.json", result)
+            if not all_ok(True):
+                raise RegMeanError("another rank of this merge failed; nothing was published")
+            if not ranks.is_main:
+                return {}
+            result = gather_rank_results(stage, ranks.world)
         copy_model_files(base_folder or candidates[0].model_dir, stage)
         report = build_report(options, settings, plan, candidates, result, device)
         report["timings"]["plan_and_checks"] = planned - started
         report["timings"]["total"] = time.perf_counter() - started
+        report["settings"]["ranks"] = ranks.world
         write_json(stage / REPORT_NAME, report)
     fallbacks = report["totals"]["fallback_systems"]
-    log.info("merge: %d candidates, %d layers solved (%d systems%s), %d averaged, %d copied, %.1fs -> %s",
+    log.info("merge: %d candidates, %d layers solved (%d systems%s), %d averaged, %d copied%s, %.1fs -> %s",
              len(candidates), len(result["layers"]), plan.num_systems,
              f", {fallbacks} through the fallback" if fallbacks else "", len(plan.averaged), len(plan.copied),
-             report["timings"]["total"], out)
+             f", over {ranks.world} processes" if ranks.active else "", report["timings"]["total"], out)
     return report
+
+
+RANK_RESULT = ".rank-result-"
+
+
+def gather_rank_results(stage: Path, world: int) -> dict:
+    """All ranks' report entries in one; per-rank timings are kept side by side (the files are removed)."""
+    layers: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    per_rank = []
+    for rank in range(world):
+        path = stage / f"{RANK_RESULT}{rank}.json"
+        part = json.loads(path.read_text())
+        path.unlink()
+        layers.update(part["layers"])
+        per_rank.append(part["timings"])
+        for key, value in part["timings"].items():
+            timings[key] = max(timings.get(key, 0.0), value)  # the slowest rank sets the pace
+    return {"layers": layers, "timings": {**timings, "per_rank": per_rank}}
 
 
 def build_report(options: MergeOptions, settings: MergeSettings, plan, candidates: list[Candidate], result: dict,

@@ -1,0 +1,183 @@
+"""What a RegMean run will need, from a model's config alone: ``regmean plan``.
+
+The model is built on PyTorch's meta device (shapes, no storage), and one forward pass of meta
+tensors runs the very hooks the stats stage uses, so the Grams counted here (shared inputs, tied
+heads left out) are the ones a real run writes. The merge's solve batches come from the same
+planner as ``regmean merge``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+
+from .errors import RegMeanError
+from .gram_passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
+from .linear import find_linear_layers
+from .manifest import LayerEntry
+from .models import forward_inputs, load_config, model_class, tied_parameter_names
+from .plan import GramGroup, MergeSettings, solve_batches, system_bytes
+from .symmetric import packed_length
+
+log = logging.getLogger(__name__)
+
+PREFETCHED = 3  # batches of reads alive at once in the merge: two queued ahead, one being solved
+
+
+def config_of(reference: str | Path, *, trust_remote_code: bool = False):
+    """A transformers config from a model folder, a config.json file, or a hub id (config only)."""
+    path = Path(reference).expanduser()
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if "torch_dtype" in data and Version(transformers.__version__) >= Version("4.56"):
+                data.setdefault("dtype", data.pop("torch_dtype"))  # the newer name; avoids a deprecation warning
+            return transformers.AutoConfig.for_model(**data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegMeanError(f"{path}: not a transformers config.json ({exc})") from None
+    if path.is_dir() or not str(reference).startswith((".", "/", "~")):
+        return load_config(path if path.is_dir() else reference, trust_remote_code=trust_remote_code)
+    raise RegMeanError(f"--model {reference}: no such file or folder")
+
+
+def meta_model(config, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The candidate's class built on the meta device: every shape, no memory, no weights read."""
+    cls = model_class(config, trust_remote_code=trust_remote_code)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def _meta_batch(model: nn.Module, config, length: int = 8) -> dict[str, torch.Tensor]:
+    accepted = forward_inputs(model)
+    if "input_ids" in accepted:
+        return {"input_ids": torch.zeros(1, length, dtype=torch.long, device="meta")}
+    if "pixel_values" in accepted:
+        size = getattr(config, "image_size", 224)
+        return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size, device="meta")}
+    raise RegMeanError(f"{type(model).__name__}: takes neither input_ids nor pixel_values; cannot size it")
+
+
+@dataclass
+class RunSizes:
+    """Bytes (and counts) of one candidate's stats job and of the merge; see ``table``."""
+
+    architecture: str
+    parameters: int
+    weight_bytes: int
+    linear_layers: int
+    grams: int
+    cache_bytes: int  # one candidate's Gram arrays on disk (packed upper triangles)
+    accumulator_bytes: int  # all of one candidate's accumulators at once
+    largest_gram_bytes: int
+    stats_passes: int  # passes over the data under gram_budget
+    merge_peak_bytes: int  # solve batch working set + reads in flight, or the largest averaged tensor
+    output_bytes: int
+    candidates: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = None,
+             accumulate_dtype: torch.dtype = torch.float32, solve_dtype: torch.dtype = torch.float32,
+             batch_memory: int = 1 << 30, gram_budget: int | None = None,
+             trust_remote_code: bool = False) -> RunSizes:
+    if candidates < 1:
+        raise RegMeanError(f"--candidates: must be at least 1, got {candidates}")
+    config = config_of(reference, trust_remote_code=trust_remote_code)
+    declared = getattr(config, "dtype", None) if Version(transformers.__version__) >= Version("4.56") \
+        else getattr(config, "torch_dtype", None)
+    weight_dtype = getattr(torch, dtype or str(declared or "float32").replace("torch.", ""))
+    model = meta_model(config, dtype=weight_dtype, trust_remote_code=trust_remote_code)
+    tied = tied_parameter_names(model)
+    layers = [layer for layer in find_linear_layers(model) if layer.weight not in tied]
+    batch = _meta_batch(model, config)
+    try:
+        keys = detect_gram_keys(model, batch)
+    except Exception as exc:  # a forward that meta tensors cannot run: count every layer on its own
+        log.warning("could not trace %s on the meta device (%s); shared inputs are not detected, so the sizes "
+                    "are upper bounds", type(model).__name__, str(exc).splitlines()[0] if str(exc) else exc)
+        keys = {}
+    keys = {name: key for name, key in keys.items() if key in {layer.name for layer in layers}}
+    groups = gram_groups(layers, keys)
+
+    element = torch.empty((), dtype=accumulate_dtype).element_size()
+    dims = [members[0].in_features for members in groups.values()]
+    parameters = {name: p for name, p in model.named_parameters()}  # tied ones appear once
+    saved = set(model.state_dict())
+    buffers = {name: b for name, b in model.named_buffers() if name in saved}  # non-persistent ones are not saved
+    output_bytes = sum(t.numel() * t.element_size() for t in (*parameters.values(), *buffers.values()))
+    budget = gram_budget or sum(gram_bytes(d, accumulate_dtype) for d in dims)
+
+    settings = MergeSettings(solve_dtype=solve_dtype, batch_bytes=batch_memory)
+    solve_groups = [GramGroup(key, members[0].in_features,
+                              [(layer.name, LayerEntry(key, layer.weight, layer.in_features, layer.out_features,
+                                                       layer.transposed)) for layer in members])
+                    for key, members in groups.items()]
+    weight_element = torch.empty((), dtype=weight_dtype).element_size()
+    peak = 0
+    for batch in solve_batches(solve_groups, settings):
+        working = len(batch.groups) * system_bytes(batch.dim, batch.width, solve_dtype)
+        reads = len(batch.groups) * (packed_length(batch.dim) * element + batch.dim * batch.width * weight_element)
+        peak = max(peak, working + PREFETCHED * reads)
+    solved = {layer.weight for layer in layers if layer.name in keys}
+    for name, tensor in parameters.items():
+        if name not in solved and tensor.is_floating_point():  # averaged: a float32 total and one read
+            peak = max(peak, tensor.numel() * (4 + 2 * tensor.element_size()))
+    return RunSizes(
+        architecture=type(model).__name__,
+        parameters=sum(p.numel() for p in parameters.values()),
+        weight_bytes=sum(p.numel() * p.element_size() for p in parameters.values()),
+        linear_layers=len(layers),
+        grams=len(groups),
+        cache_bytes=sum(packed_length(d) * element for d in dims),
+        accumulator_bytes=sum(gram_bytes(d, accumulate_dtype) for d in dims),
+        largest_gram_bytes=max((gram_bytes(d, accumulate_dtype) for d in dims), default=0),
+        stats_passes=len(plan_passes(groups, budget, accumulate_dtype)) if groups else 0,
+        merge_peak_bytes=peak,
+        output_bytes=output_bytes,
+        candidates=candidates,
+    )
+
+
+def human(size: int) -> str:
+    """Decimal units, as disks and object stores bill them."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if size < 1000 or unit == "PB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def table(sizes: RunSizes) -> str:
+    """The sizes as a Markdown table: per candidate, and for all K candidates."""
+    k = sizes.candidates
+    rows = [
+        ("candidate weights", human(sizes.weight_bytes), human(k * sizes.weight_bytes)),
+        ("Gram cache on disk", human(sizes.cache_bytes), human(k * sizes.cache_bytes)),
+        ("stats: Gram accumulators", human(sizes.accumulator_bytes), f"{human(sizes.accumulator_bytes)} in each of {k} jobs"),
+        ("stats: largest single Gram", human(sizes.largest_gram_bytes), ""),
+        ("merge: peak memory (estimate)", "", human(sizes.merge_peak_bytes)),
+        ("merged model on disk", "", human(sizes.output_bytes)),
+    ]
+    head = (f"{sizes.architecture}: {sizes.parameters / 1e9:.3g}B parameters, {sizes.linear_layers} linear layers, "
+            f"{sizes.grams} Grams")
+    if sizes.stats_passes > 1:
+        head += f"; {sizes.stats_passes} passes over the data under --max-gram-memory"
+    lines = [head, "", f"| | per candidate | {k} candidates |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {one} | {all_} |" for name, one, all_ in rows]
+    return "\n".join(lines)
+
