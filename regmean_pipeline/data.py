@@ -229,6 +229,25 @@ class TextCollator:
         batch = {key: value for key, value in encoded.items() if key in self.accepted}
         return {**batch, **_counts(skipped_empty=len(rows) - len(kept), truncated=self._truncated(kept, lengths))}
 
+    def lengths(self, rows: list[dict]) -> list[int]:
+        """Tokens per row once truncated, without padding (0 for the empty rows batches leave out)."""
+        usable = [self._usable(row) for row in rows]
+        kept = iter(self._encode([r for r, u in zip(rows, usable) if u], self.max_length)["input_ids"]) \
+            if any(usable) else iter(())
+        return [len(next(kept)) if u else 0 for u in usable]
+
+
+def longest_first(examples, collate: TextCollator, chunk: int = 1024) -> list[int]:
+    """Indices of the examples, longest first, so each batch holds similar lengths and little padding.
+
+    The same examples are used, only in another order (Gram sums do not depend on it, up to
+    rounding); the longest batch comes first, so running out of memory shows at once.
+    """
+    lengths: list[int] = []
+    for start in range(0, len(examples), chunk):
+        lengths += collate.lengths([examples[i] for i in range(start, min(start + chunk, len(examples)))])
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
 
 class ImageCollator:
     """Decodes and preprocesses a list of rows into pixel values; undecodable images are skipped, counted."""
@@ -303,12 +322,14 @@ def make_loader(examples, preprocessor, spec: DatasetSpec, *, accepted: set[str]
     """Batches in a fixed order; ``skip_batches`` leaves out the first ones (done before a resume)."""
     if batch_size < 1:
         raise RegMeanError(f"--batch-size: must be at least 1, got {batch_size}")
+    order = None
     if spec.image_column is not None:
         collate = ImageCollator(preprocessor, spec, accepted)
     else:
         max_length = spec.max_length or default_max_length(preprocessor, config)
         collate = TextCollator(preprocessor, spec, accepted, max_length)
-    order = list(range(len(examples)))[skip_batches * batch_size:]
+        order = longest_first(examples, collate)
+    order = (order or list(range(len(examples))))[skip_batches * batch_size:]
     loader = DataLoader(examples, batch_size=batch_size, sampler=order, num_workers=num_workers,
                         collate_fn=collate, persistent_workers=False)
     return Batches(loader, consumed=skip_batches, counts=counts)

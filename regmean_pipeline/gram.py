@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import RegMeanError
 from .linear import LinearLayer, find_linear_layers
+from .symmetric import accumulate_upper_, mirror_upper_
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class GramStats:
 
 class GramAccumulator:
     """Forward pre-hooks on every linear layer that accumulate input Grams in place.
+
+    Each batch adds to the upper triangle only (``accumulate_upper_``); ``result`` mirrors it once.
 
     Layers fed the very same tensor object (q/k/v, gate/up) share one Gram. Sharing is found by
     object identity while this pass holds a reference to every input it saw, so an id() cannot be
@@ -141,7 +144,7 @@ class GramAccumulator:
             self._tokens[key] = 0
         elif total.device != rows.device:  # restored from a checkpoint onto another device
             total = self._sums[key] = total.to(rows.device)
-        total.addmm_(rows.transpose(0, 1), rows)
+        accumulate_upper_(total, rows)
         self._tokens[key] += rows.shape[0]
 
     def _check_finite(self) -> None:
@@ -170,12 +173,13 @@ class GramAccumulator:
         self.examples = stats.examples
 
     def snapshot(self) -> GramStats:
-        """The sums so far, as live tensors (not copies): valid until the next batch runs."""
+        """The sums so far, as live tensors (not copies): valid until the next batch runs. Only their
+        upper triangles are filled (what caches and checkpoints store); ``result`` mirrors them."""
         seen = [name for name in self.layers if name in self._key_of]
         return GramStats(
             layers={name: self.layers[name] for name in seen},
             layer_grams={name: self._key_of[name] for name in seen},
-            sums=dict(self._sums),
+            sums=sums,
             tokens=dict(self._tokens),
             examples=self.examples,
         )
@@ -185,6 +189,9 @@ class GramAccumulator:
         if unseen:
             log.info("%d linear layers never ran in the forward pass and get no Gram: %s",
                      len(unseen), ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""))
+        with torch.inference_mode():  # the sums were made under it (collect_grams): in-place needs it too
+            for total in self._sums.values():
+                mirror_upper_(total)
         return self.snapshot()
 
 
