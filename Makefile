@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -34,6 +34,18 @@ demo: $(STAMP)
 	@echo "== 3/3 regmean merge"
 	$(VENV)/bin/regmean merge --cache-dir $(DEMO_DIR)/outputs --out $(DEMO_DIR)/merged --overwrite
 	@echo "merged model: $(DEMO_DIR)/merged (report: $(DEMO_DIR)/merged/merge_report.json)"
+
+# CPU benchmark side by side with FusionBench (bench/run.py; minutes). bench-gpu: one CUDA GPU.
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	@rm -f $(VENV)/.bench-* && touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run --report outputs/bench/table.md
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu --out outputs/bench/gpu.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

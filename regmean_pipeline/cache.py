@@ -22,7 +22,7 @@ import torch
 from .errors import RegMeanError
 from .manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
 from .paths import inside
-from .safetensors_io import RangedSafetensorsReader, SafetensorsFileWriter, TensorSpec
+from .safetensors_io import DTYPE_NAMES, SafetensorsFileWriter, SafetensorsReader, TensorSpec
 from .storage import Folder
 from .symmetric import pack_upper, packed_length, unpack_upper
 
@@ -134,12 +134,10 @@ class GramCache:
 
                     self._store = zarr.open_group(self.folder.zarr_store(file, writable=False), mode="r")
                 elif self.folder.is_local:
-                    from safetensors import safe_open
-
-                    self._store = safe_open(str(self.path), framework="np")
+                    self._store = SafetensorsReader(self.path)
                 else:
-                    self._store = RangedSafetensorsReader(functools.partial(self.folder.read_range, file),
-                                                          self.folder.size(file), str(self.path))
+                    self._store = SafetensorsReader(self.path, functools.partial(self.folder.read_range, file),
+                                                    self.folder.size(file))
             except Exception as exc:  # damaged file: say which
                 raise RegMeanError(f"{where}: cannot open the file ({_first_line(exc)})") from None
         return self._store
@@ -160,8 +158,7 @@ class GramCache:
             else:
                 if key not in store.keys():
                     raise KeyError(key)
-                view = store.get_slice(key)
-                shape, stored = tuple(view.get_shape()), np.dtype(_NP_DTYPES.get(view.get_dtype(), "V"))
+                shape, stored = store.shape(key), np.dtype(_NP_DTYPES.get(DTYPE_NAMES[store.dtype(key)], "V"))
         except KeyError:
             raise RegMeanError(f"{where}: array missing") from None
         except RegMeanError:
@@ -173,7 +170,7 @@ class GramCache:
         if self.manifest.storage == "zarr":
             _check_zarr_chunks(array, self.path.child(key), where)
         try:
-            values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.get_tensor(key))
+            values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.read(key).numpy())
         except Exception as exc:
             raise RegMeanError(f"{where}: unreadable ({_first_line(exc)})") from None
         if gram_checksum(key, entry.tokens, values) != entry.checksum:

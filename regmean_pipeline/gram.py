@@ -144,8 +144,12 @@ class GramAccumulator:
             self._tokens[key] = 0
         elif total.device != rows.device:  # restored from a checkpoint onto another device
             total = self._sums[key] = total.to(rows.device)
-        accumulate_upper_(total, rows)
+        self._product(total, rows)
         self._tokens[key] += rows.shape[0]
+
+    def _product(self, total: torch.Tensor, rows: torch.Tensor) -> None:
+        """The Gram product itself (a seam the benchmark times)."""
+        accumulate_upper_(total, rows)
 
     def _check_finite(self) -> None:
         if not self._sums:
@@ -210,6 +214,7 @@ def collect_grams(
     layers: Iterable[LinearLayer] | None = None,
     start: GramStats | None = None,
     after_batch: Callable[[GramAccumulator], None] | None = None,
+    accumulator: type[GramAccumulator] = GramAccumulator,
 ) -> GramStats:
     """Run the model over the batches with the hooks on; the one loop shared by stats and the API.
 
@@ -218,8 +223,8 @@ def collect_grams(
     accumulated and checked (checkpoints).
     """
     model.eval()
-    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
-                         layers=layers) as acc:
+    with accumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
+                     layers=layers) as acc:
         if start is not None:
             acc.restore(start, device)
         with torch.inference_mode():

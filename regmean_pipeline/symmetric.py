@@ -52,11 +52,11 @@ def accumulate_upper_(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def mirror_upper_(matrix: torch.Tensor) -> torch.Tensor:
-    """Make a (d, d) matrix symmetric from its upper triangle, in place, block by block."""
+    """Make (..., d, d) matrices symmetric from their upper triangles, in place, block by block."""
     for start, stop in upper_blocks(matrix.shape[-1]):
-        diagonal = matrix[start:stop, start:stop]
-        diagonal.copy_(diagonal.triu() + diagonal.triu(1).transpose(0, 1))
-        matrix[stop:, start:stop].copy_(matrix[start:stop, stop:].transpose(0, 1))
+        diagonal = matrix[..., start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).transpose(-1, -2))
+        matrix[..., stop:, start:stop].copy_(matrix[..., start:stop, stop:].transpose(-1, -2))
     return matrix
 
 
@@ -73,8 +73,9 @@ def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_upper(packed: torch.Tensor, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The full symmetric (d, d) matrix from its packed upper triangle (into ``out`` when given)."""
-    dim = dim if dim is not None else dim_from_packed_length(packed.numel())
-    full = packed.new_empty(dim, dim) if out is None else out
+    """The full symmetric (..., d, d) matrices from packed upper triangles (..., d(d+1)/2), written
+    into ``out`` when given (no other (d, d) tensor is made)."""
+    dim = dim if dim is not None else dim_from_packed_length(packed.shape[-1])
+    full = packed.new_empty(*packed.shape[:-1], dim, dim) if out is None else out
     full.masked_scatter_(_upper_mask(dim, str(full.device)), packed.to(full.device, full.dtype))
     return mirror_upper_(full)

@@ -15,7 +15,7 @@ import torch
 
 from .errors import RegMeanError
 from .paths import inside
-from .safetensors_io import DTYPE_NAMES, DTYPES_BY_NAME
+from .safetensors_io import DTYPE_NAMES, SafetensorsReader
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,10 @@ class WeightSource(Protocol):
 
 
 class SafetensorsCheckpoint:
-    """A Hugging Face model folder's safetensors weights (one file or an index of shards), memory-mapped."""
+    """A Hugging Face model folder's safetensors weights (one file or an index of shards), read one
+    tensor at a time by positioned reads (no memory map: see ``SafetensorsReader``)."""
 
     def __init__(self, folder: Path | str):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.reference = str(self.folder)
         index = self.folder / "model.safetensors.index.json"
@@ -63,33 +62,30 @@ class SafetensorsCheckpoint:
             # Names from an index are untrusted text; files found by listing the folder are the folder's own.
             path = inside(self.folder, file, f"{index} (shard)") if index.exists() else self.folder / file
             try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:
+                handle = SafetensorsReader(path)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise RegMeanError(f"{path}: not a readable safetensors file ({exc})") from None
             self._handles[file] = handle
             for name in handle.keys():
                 self._file_of[name] = file
-        self._slices: dict[str, object] = {}
 
-    def _slice(self, name: str):
-        if name not in self._slices:
-            self._slices[name] = self._handles[self._file_of[name]].get_slice(name)
-        return self._slices[name]
+    def _handle(self, name: str) -> SafetensorsReader:
+        return self._handles[self._file_of[name]]
 
     def names(self) -> list[str]:
         return list(self._file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._handle(name).shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES_BY_NAME[self._slice(name).get_dtype()]
+        return self._handle(name).dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._file_of[name]].get_tensor(name)
+        return self._handle(name).read(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._slice(name)[start:stop]
+        return self._handle(name).read(name, start, stop)
 
 
 class StateDictWeights:
