@@ -98,6 +98,7 @@ class FusionBenchStyleStats:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
+        self._handles.clear()
 
     def _hook(self, name: str):
         def compute_regmean_weights_hook(module, inputs, output):

@@ -32,8 +32,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from bench.fixtures import (FusionBenchStyleStats, build_llama, llama_config, markdown_table, matmul_rate,
-                            minilm_path, perturbed_copy, recorded_timed_grams, text_task, timed)
+from bench.fixtures import (FusionBenchStyleStats, TimedGrams, build_llama, llama_config, markdown_table,
+                            matmul_rate, minilm_path, perturbed_copy, text_task, timed)
 from regmean_pipeline.data import DatasetSpec, TextCollator, load_examples, make_loader
 from regmean_pipeline.gram import collect_grams
 from regmean_pipeline.manifest import read_manifest
@@ -51,25 +51,29 @@ class Sizes:
     matmul: int = 4096
     minilm_examples: int = 64
     llama_examples: int = 16
-    candidate_examples_minilm: int = 48
+    candidate_examples_minilm: int = 32
     candidate_examples_llama: int = 16
     llama_layers: int = 8
     llama_hidden: int = 1024
     llama_mlp: int = 2816
-    doubling_layers: int = 4
-    doubling_budget: str = "256MiB"
+    doubling_layers: int = 4  # -> 8, on a narrower Llama (hidden 512, MLP 1408) to keep the bench short
+    doubling_hidden: int = 512
+    doubling_mlp: int = 1408
+    doubling_budget: str = "32MiB"
     batch_size: int = 16
     max_length: int = 128  # the sentences are 4 to 100 words
 
 
 QUICK = Sizes(matmul=1024, minilm_examples=16, llama_examples=4, candidate_examples_minilm=8,
               candidate_examples_llama=4, llama_layers=2, llama_hidden=256, llama_mlp=704, doubling_layers=1,
-              doubling_budget="8MiB", batch_size=4, max_length=64)
+              doubling_hidden=256, doubling_mlp=704, doubling_budget="2MiB", batch_size=4, max_length=64)
 
 
 def stats_passes(model_dir: Path, task: Path, examples: int, sizes: Sizes) -> dict:
-    """Four passes over the same N examples: plain forward and ours over our batches (longest first),
-    ours and the FusionBench-style pass over FusionBench's batches (the seeded-shuffle order)."""
+    """Plain forward and ours over our batches (longest first); ours and the FusionBench-style pass over
+    FusionBench's batches (the seeded-shuffle order). The passes are interleaved batch by batch, so a
+    shared machine's changing load hits them alike; ours is GramAccumulator exactly as collect_grams
+    drives it (hooks, masked rows, upper-triangle products, the final mirror)."""
     model = load_model(model_dir, dtype=torch.float32, device=torch.device("cpu"))
     tokenizer = load_preprocessor(model_dir, images=False)
     spec = DatasetSpec(str(task), num_examples=examples, seed=0, max_length=sizes.max_length)
@@ -80,30 +84,37 @@ def stats_passes(model_dir: Path, task: Path, examples: int, sizes: Sizes) -> di
     collate = TextCollator(tokenizer, spec, accepted, sizes.max_length)
     their_batches = list(DataLoader(chosen, batch_size=sizes.batch_size, collate_fn=collate))
 
-    def forward(batches):
-        with torch.inference_mode():
-            for batch in batches:
-                model(**batch)
-
     # Warm-up of every pass on one batch: first-call allocations and lazy inits are nobody's cost.
-    forward(ours_batches[:1])
     collect_grams(model, ours_batches[:1], device="cpu")
     FusionBenchStyleStats(model).run(their_batches[:1])
-    kept: list = []
-    result = {"examples": len(chosen)}
-    result["forward_s"] = timed(lambda: forward(ours_batches))
-    result["ours_s"] = timed(lambda: collect_grams(model, ours_batches, device="cpu", accumulator=recorded_timed_grams(kept)))
-    result["ours_their_order_s"] = timed(lambda: collect_grams(model, their_batches, device="cpu"))
-    result["fusionbench_s"] = timed(lambda: FusionBenchStyleStats(model).run(their_batches))
-    accumulator = kept[0]
-    result["product_seconds"] = accumulator.product_seconds()
-    result["product_flops"] = accumulator.product_flops
-    result["full_flops"] = accumulator.full_flops
-    real = sum(int(b["attention_mask"].sum()) for b in ours_batches)
-    result["tokens"] = real
-    result["padded_tokens_ours"] = sum(b["attention_mask"].numel() for b in ours_batches)
-    result["padded_tokens_fusionbench"] = sum(b["attention_mask"].numel() for b in their_batches)
-    return result
+    ours, ours_their_order = TimedGrams(model), TimedGrams(model)
+    fusionbench = FusionBenchStyleStats(model)
+    seconds = dict.fromkeys(("forward_s", "ours_s", "ours_their_order_s", "fusionbench_s"), 0.0)
+
+    def ours_batch(accumulator: TimedGrams, batch: dict) -> None:
+        with accumulator, torch.inference_mode(), accumulator.batch(batch["attention_mask"], len(batch["input_ids"])):
+            model(**batch)
+
+    def fusionbench_batch(batch: dict) -> None:
+        with fusionbench, torch.no_grad():
+            model(**batch)
+
+    def plain_batch(batch: dict) -> None:
+        with torch.inference_mode():
+            model(**batch)
+
+    for ours_b, their_b in zip(ours_batches, their_batches):
+        seconds["forward_s"] += timed(lambda: plain_batch(ours_b))
+        seconds["ours_s"] += timed(lambda: ours_batch(ours, ours_b))
+        seconds["fusionbench_s"] += timed(lambda: fusionbench_batch(their_b))
+        seconds["ours_their_order_s"] += timed(lambda: ours_batch(ours_their_order, their_b))
+    seconds["ours_s"] += timed(ours.result)
+    seconds["ours_their_order_s"] += timed(ours_their_order.result)
+    return {"examples": len(chosen), **seconds, "product_seconds": ours.product_seconds(),
+            "product_flops": ours.product_flops, "full_flops": ours.full_flops,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in ours_batches),
+            "padded_tokens_ours": sum(b["attention_mask"].numel() for b in ours_batches),
+            "padded_tokens_fusionbench": sum(b["attention_mask"].numel() for b in their_batches)}
 
 
 def make_candidates(base: Path, root: Path, count: int, examples: int, sizes: Sizes, prefix: str) -> Path:
@@ -192,15 +203,6 @@ def float64_check(caches: Path, ours: Path, theirs: Path, names: list[str]) -> t
     return ours_errors, theirs_errors
 
 
-def subset(caches: Path, names: list[str], folder: Path) -> Path:
-    """A cache folder holding links to some of the caches in ``caches``."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for name in names:
-        (folder / name).symlink_to((caches / name).resolve(), target_is_directory=True)
-    return folder
-
-
 def measure(work: Path, sizes: Sizes) -> dict:
     results: dict = {"sizes": sizes.__dict__}
     started = time.perf_counter()
@@ -227,17 +229,15 @@ def measure(work: Path, sizes: Sizes) -> dict:
         results[f"cache_{name}"] = cache_ratio(next(p for p in sorted(caches.iterdir()) if p.is_dir()))
 
     log.info("merge: layer count doubled")
-    half_root = work / "llama_half"
-    half_base = build_llama(half_root / "base", llama_config(sizes.doubling_layers, sizes.llama_hidden,
-                                                             sizes.llama_mlp))
-    half_caches = make_candidates(half_base, half_root, 2, sizes.candidate_examples_llama, sizes, "half")
-    two = subset(llama_caches, ["llama_0", "llama_1"], work / "llama_pair")
-    assert 2 * sizes.doubling_layers == sizes.llama_layers
-    results["doubling"] = {
-        "layers": [sizes.doubling_layers, sizes.llama_layers], "batch_memory": sizes.doubling_budget,
-        "half": child_merge("ours", half_caches, half_root / "merged", sizes.doubling_budget),
-        "full": child_merge("ours", two, work / "llama_pair_merged", sizes.doubling_budget),
-    }
+    merges = {}
+    for label, layers in (("half", sizes.doubling_layers), ("full", 2 * sizes.doubling_layers)):
+        root = work / f"doubling_{layers}"
+        base = build_llama(root / "base", llama_config(layers, sizes.doubling_hidden, sizes.doubling_mlp))
+        caches = make_candidates(base, root, 2, sizes.candidate_examples_llama, sizes, "d")
+        merges[label] = child_merge("ours", caches, root / "merged", sizes.doubling_budget)
+    results["doubling"] = {"layers": [sizes.doubling_layers, 2 * sizes.doubling_layers],
+                           "shape": f"hidden {sizes.doubling_hidden}, MLP {sizes.doubling_mlp}",
+                           "batch_memory": sizes.doubling_budget, **merges}
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -288,7 +288,8 @@ def table(results: dict) -> str:
                 f"{exact:.1e}", f"{m['fusionbench_vs_float64']:.1e}", "", "<= 1e-4", exact <= 1e-4)
     d = results["doubling"]
     half, full = d["half"]["peak_rss"], d["full"]["peak_rss"]
-    row(f"merge peak RSS MiB, {d['layers'][0]} -> {d['layers'][1]} layers (K=2, --batch-memory {d['batch_memory']})",
+    row(f"merge peak RSS MiB, Llama {d['shape']}, {d['layers'][0]} -> {d['layers'][1]} layers (K=2, "
+        f"--batch-memory {d['batch_memory']})",
         f"{full / 2**20:.0f}", f"{half / 2**20:.0f}", f"{full / half:.2f}x", "<= 1.10x", full / half <= 1.10)
     for name, label in (("minilm", "MiniLM-L6"), ("llama", "Llama-shaped")):
         disk, dense = results[f"cache_{name}"]

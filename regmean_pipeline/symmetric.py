@@ -29,7 +29,10 @@ def dim_from_packed_length(length: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def upper_blocks(dim: int) -> tuple[tuple[int, int], ...]:
-    """(start, stop) of the block rows the symmetric product is split into."""
+    """(start, stop) of the block rows the symmetric product is split into (one block below
+    2 * MIN_GRAM_BLOCK: there, smaller GEMMs lose more speed than the triangle saves)."""
+    if dim < 2 * MIN_GRAM_BLOCK:
+        return ((0, dim),)
     block = max(MIN_GRAM_BLOCK, -(-dim // GRAM_BLOCK_ROWS))
     block = -(-block // 64) * 64  # multiples of 64 keep the GEMM tiles aligned
     return tuple((start, min(start + block, dim)) for start in range(0, dim, block))
