@@ -134,9 +134,9 @@ class GramCache:
 
                     self._store = zarr.open_group(self.folder.zarr_store(file, writable=False), mode="r")
                 elif self.folder.is_local:
-                    self._store = SafetensorsReader(self.path)
+                    self._store = SafetensorsReader(self.path.local_path)
                 else:
-                    self._store = SafetensorsReader(self.path, functools.partial(self.folder.read_range, file),
+                    self._store = SafetensorsReader(str(self.path), functools.partial(self.folder.read_range, file),
                                                     self.folder.size(file))
             except Exception as exc:  # damaged file: say which
                 raise RegMeanError(f"{where}: cannot open the file ({_first_line(exc)})") from None
