@@ -159,7 +159,7 @@ def test_estimated_residual_tracks_the_exact_one():
 def test_small_batch_budget_gives_the_same_merge(workspace, cli, tmp_path):
     """Wide layers (several Gram blocks) merged in many small batches equal the float64 closed form."""
     models = [workspace.model("llama", seed, hidden_size=256, intermediate_size=576) for seed in (11, 12)]
-    tasks = [workspace.text_task(seed, n=60) for seed in (11, 12)]
+    tasks = [workspace.text_task(seed, n=30) for seed in (11, 12)]
     caches = make_caches(cli, tmp_path, models, tasks)
     out = merge(cli, caches, tmp_path / "merged", "--batch-memory", "1MiB")
     report = read_json(out / "merge_report.json")
