@@ -55,11 +55,15 @@ def accumulate_upper_(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def mirror_upper_(matrix: torch.Tensor) -> torch.Tensor:
-    """Make (..., d, d) matrices symmetric from their upper triangles, in place, block by block."""
-    for start, stop in upper_blocks(matrix.shape[-1]):
-        diagonal = matrix[..., start:stop, start:stop]
-        diagonal.copy_(diagonal.triu() + diagonal.triu(1).transpose(-1, -2))
-        matrix[..., stop:, start:stop].copy_(matrix[..., start:stop, stop:].transpose(-1, -2))
+    """Make contiguous (..., d, d) matrices symmetric from their upper triangles, in place.
+
+    One (d, d) temporary at a time (the strict upper triangle), added back transposed: several times
+    faster on a CPU than copying transposed blocks, and done once per Gram, not per batch.
+    """
+    dim = matrix.shape[-1]
+    for square in matrix.view(-1, dim, dim):
+        upper = square.triu(1)
+        square.triu_().add_(upper.transpose(0, 1))
     return matrix
 
 
