@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from bench.fixtures import (FusionBenchStyleStats, TimedGrams, build_llama, llama_config, markdown_table,
                             matmul_rate, minilm_path, perturbed_copy, text_task, timed)
-from regmean_pipeline.data import DatasetSpec, TextCollator, load_examples, make_loader
+from regmean_pipeline.data import Batches, DatasetSpec, TextCollator, load_examples, make_loader
 from regmean_pipeline.gram import collect_grams
 from regmean_pipeline.manifest import read_manifest
 from regmean_pipeline.models import forward_inputs, load_model, load_preprocessor
@@ -82,7 +82,7 @@ def stats_passes(model_dir: Path, task: Path, examples: int, sizes: Sizes) -> di
     ours_batches = list(make_loader(chosen, tokenizer, spec, accepted=accepted, config=model.config,
                                     batch_size=sizes.batch_size))
     collate = TextCollator(tokenizer, spec, accepted, sizes.max_length)
-    their_batches = list(DataLoader(chosen, batch_size=sizes.batch_size, collate_fn=collate))
+    their_batches = list(Batches(DataLoader(chosen, batch_size=sizes.batch_size, collate_fn=collate)))
 
     # Warm-up of every pass on one batch: first-call allocations and lazy inits are nobody's cost.
     collect_grams(model, ours_batches[:1], device="cpu")

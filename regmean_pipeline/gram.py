@@ -183,7 +183,7 @@ class GramAccumulator:
         return GramStats(
             layers={name: self.layers[name] for name in seen},
             layer_grams={name: self._key_of[name] for name in seen},
-            sums=sums,
+            sums=dict(self._sums),
             tokens=dict(self._tokens),
             examples=self.examples,
         )
