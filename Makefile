@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo demo-steps clean
+.PHONY: install test demo demo-steps bench bench-gpu clean
 
 install: $(STAMP)
 
@@ -59,6 +59,18 @@ demo-steps:
 	  $(foreach s,$(DEMO_SCALINGS),--method task-arithmetic-$(s)=$(call TA_DIR,$(s))/per_candidate) \
 	  --method regmean=$(DEMO_DIR)/merged/regmean/per_candidate --out $(DEMO_DIR)/eval --overwrite \
 	  --title "$(words $(DEMO_TASKS)) task models merged into one body, each task with its own head: test accuracy"
+
+# CPU benchmark side by side with FusionBench (bench/run.py; minutes). bench-gpu: one CUDA GPU.
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,bench]"
+	@rm -f $(VENV)/.bench-* && touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run --report outputs/bench/table.md
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench.gpu --out outputs/bench/gpu.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,9 +1,16 @@
-"""Outputs appear whole or not at all: build beside the target, rename into place at the end."""
+"""Outputs appear whole or not at all: build beside the target, rename into place at the end.
+
+One run at a time writes a target: ``output_lock`` holds an flock on a hidden ``.NAME.lock`` beside
+it for the whole run, and clears what killed runs left behind (their staging folders, or a previous
+output moved aside mid-publish, which it puts back).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import glob
 import logging
 import os
 import shutil
@@ -11,12 +18,61 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
+
 from .errors import RegMeanError
 from .storage import Folder
 
 log = logging.getLogger(__name__)
 
 STAGING_MARK = ".partial-"
+PREVIOUS_MARK = ".old-"
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15)
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: Path | str) -> Iterator[None]:
+    """Hold the target's lock for a whole run, or fail at once if another run holds it.
+
+    The kernel drops an flock when its holder dies, so a killed run never blocks the next one; with
+    the lock held, anything a dead run left beside the target is safe to clean up.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path(target)), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RegMeanError(f"{target}: another regmean run is writing it right now (it holds "
+                           f"{lock_path(target).name}); wait for that run to finish") from None
+    try:
+        _recover(target)
+        yield
+    finally:
+        lock.release()
+
+
+def _recover(target: Path) -> None:
+    """Undo what a killed run left: put back a previous output moved aside mid-publish, drop stagings."""
+    for leftover in sorted(target.parent.glob(f".{glob.escape(target.name)}{PREVIOUS_MARK}*")):
+        previous = leftover / "previous"
+        if previous.is_dir() and not target.exists():
+            os.rename(previous, target)
+            log.warning("%s: restored the previous output that an interrupted run had moved aside", target)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}{STAGING_MARK}*"):
+        log.info("removing %s, left by an interrupted run", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def disk_full_error(target: Path, exc: OSError) -> RegMeanError:
+    return RegMeanError(f"{target}: out of disk space while writing ({os.strerror(exc.errno)}); nothing was "
+                        "published and earlier outputs are intact; free some space and rerun")
 
 
 def check_target(target: Path, *, overwrite: bool) -> None:
@@ -45,6 +101,11 @@ def staged_directory(target: Path | str, *, overwrite: bool = False) -> Iterator
     try:
         yield stage
         _publish(stage, target, overwrite=overwrite)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        if exc.errno in DISK_FULL:
+            raise disk_full_error(target, exc) from None
+        raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -98,7 +159,11 @@ def _publish(stage: Path, target: Path, *, overwrite: bool) -> None:
     if target.exists():
         if not overwrite:
             raise RegMeanError(f"{target}: another run finished writing it first; this run's output was discarded")
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        if _exchange(stage, target):  # one atomic step: the old output is now at ``stage``
+            _fsync_dir(target.parent)
+            shutil.rmtree(stage, ignore_errors=True)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}{PREVIOUS_MARK}", dir=target.parent))
         os.rename(target, old / "previous")
     try:
         os.rename(stage, target)
@@ -111,6 +176,21 @@ def _publish(stage: Path, target: Path, *, overwrite: bool) -> None:
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two folders atomically where the OS and file system can; False where they cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def _fsync_dir(folder: Path) -> None:

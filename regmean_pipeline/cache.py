@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
+import posixpath
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,8 +20,9 @@ import numpy as np
 import torch
 
 from .errors import RegMeanError
-from .manifest import GramEntry, Manifest, read_manifest
-from .safetensors_io import RangedSafetensorsReader, SafetensorsFileWriter, TensorSpec
+from .manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
+from .paths import inside
+from .safetensors_io import DTYPE_NAMES, SafetensorsFileWriter, SafetensorsReader, TensorSpec
 from .storage import Folder
 from .symmetric import pack_upper, packed_length, unpack_upper
 
@@ -77,7 +80,8 @@ def write_packed_cache(
             else:
                 chunk = min(spec.shape[0], ZARR_CHUNK_ELEMENTS)
                 array = group.create_array(spec.name, shape=spec.shape, dtype=packed.numpy().dtype,
-                                           chunks=(chunk,), compressors=None, fill_value=0)
+                                           chunks=(chunk,), compressors=None, fill_value=0,
+                                           config={"write_empty_chunks": True})  # readers count chunks
                 array[...] = packed.numpy()
         if manifest.storage == "safetensors":
             sink.close()
@@ -95,13 +99,25 @@ def write_packed_cache(
 
 
 class GramCache:
-    """A finished cache folder (local or an fsspec URL), read lazily one Gram at a time."""
+    """A finished cache folder (local or an fsspec URL), read lazily one Gram at a time.
 
-    def __init__(self, folder: Path | str | Folder):
+    Nothing in the folder is trusted: the manifest is parsed strictly, files may not lead outside
+    the folder, and each array's shape, dtype and bytes on disk are checked against the manifest
+    before anything is allocated, then its checksum and values after reading.
+    """
+
+    def __init__(self, folder: Path | str | Folder, *, checkpoint: bool = False):
         self.folder = Folder(folder)
         self.manifest = read_manifest(self.folder)
-        self.path = self.folder.child(GRAM_FILES[self.manifest.storage])
-        if not self.folder.exists(GRAM_FILES[self.manifest.storage]):
+        if (CHECKPOINT_FIELD in self.manifest.extra) != checkpoint:
+            raise RegMeanError(f"{self.folder}: a checkpoint of an unfinished `regmean stats` run, not a cache; "
+                               "finish it with `regmean stats ... --resume`" if not checkpoint
+                               else f"{self.folder}: a finished cache, not a checkpoint")
+        file = GRAM_FILES[self.manifest.storage]
+        if self.folder.is_local:
+            inside(self.folder.local_path, file, str(self.folder))
+        self.path = self.folder.child(file)
+        if not self.folder.exists(file):
             raise RegMeanError(f"{self.path}: missing; the cache in {self.folder} is incomplete")
         self._store = None
 
@@ -109,7 +125,7 @@ class GramCache:
     def name(self) -> str:
         return self.folder.name
 
-    def _open(self):
+    def _open(self, where: str):
         if self._store is None:
             file = GRAM_FILES[self.manifest.storage]
             try:
@@ -118,14 +134,12 @@ class GramCache:
 
                     self._store = zarr.open_group(self.folder.zarr_store(file, writable=False), mode="r")
                 elif self.folder.is_local:
-                    from safetensors import safe_open
-
-                    self._store = safe_open(str(self.path), framework="np")
+                    self._store = SafetensorsReader(self.path.local_path)
                 else:
-                    self._store = RangedSafetensorsReader(functools.partial(self.folder.read_range, file),
-                                                          self.folder.size(file), str(self.path))
+                    self._store = SafetensorsReader(str(self.path), functools.partial(self.folder.read_range, file),
+                                                    self.folder.size(file))
             except Exception as exc:  # damaged file: say which
-                raise RegMeanError(f"{self.path}: cannot open ({exc})") from None
+                raise RegMeanError(f"{where}: cannot open the file ({_first_line(exc)})") from None
         return self._store
 
     def read_packed(self, key: str) -> np.ndarray:
@@ -134,24 +148,31 @@ class GramCache:
         where = f"{self.path} (gram {key})"
         length = packed_length(entry.dim)
         dtype = np.dtype(self.manifest.accumulate_dtype)
-        store = self._open()
+        store = self._open(where)
         try:
             if self.manifest.storage == "zarr":
+                if self.folder.is_local:
+                    inside(self.path.local_path, key, where)
                 array = store[key]
                 shape, stored = tuple(array.shape), np.dtype(array.dtype)
             else:
-                view = store.get_slice(key)
-                shape, stored = tuple(view.get_shape()), np.dtype(_NP_DTYPES.get(view.get_dtype(), "V"))
+                if key not in store.keys():
+                    raise KeyError(key)
+                shape, stored = store.shape(key), np.dtype(_NP_DTYPES.get(DTYPE_NAMES[store.dtype(key)], "V"))
         except KeyError:
             raise RegMeanError(f"{where}: array missing") from None
+        except RegMeanError:
+            raise
         except Exception as exc:
-            raise RegMeanError(f"{where}: unreadable ({exc})") from None
+            raise RegMeanError(f"{where}: unreadable ({_first_line(exc)})") from None
         if shape != (length,) or stored != dtype:
             raise RegMeanError(f"{where}: stored as {stored}{list(shape)}, manifest says {dtype}[{length}]")
+        if self.manifest.storage == "zarr":
+            _check_zarr_chunks(array, self.path.child(key), where)
         try:
-            values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.get_tensor(key))
+            values = np.ascontiguousarray(array[...] if self.manifest.storage == "zarr" else store.read(key).numpy())
         except Exception as exc:
-            raise RegMeanError(f"{where}: unreadable ({exc})") from None
+            raise RegMeanError(f"{where}: unreadable ({_first_line(exc)})") from None
         if gram_checksum(key, entry.tokens, values) != entry.checksum:
             raise RegMeanError(f"{where}: checksum mismatch; the cache is damaged or was edited")
         if not np.isfinite(values).all():
@@ -161,6 +182,36 @@ class GramCache:
     def read(self, key: str) -> torch.Tensor:
         """The full symmetric (d, d) Gram sum."""
         return unpack_upper(torch.from_numpy(self.read_packed(key)), self.manifest.grams[key].dim)
+
+
+def _check_zarr_chunks(array, folder: Folder, where: str) -> None:
+    """Uncompressed chunks, all present as plain files of the full chunk size, before any read.
+
+    This bounds what reading can allocate by what is really on disk: metadata alone (a hostile
+    zarr.json with a huge shape and no chunks) cannot make us allocate, and a missing chunk is not
+    silently read as zeros.
+    """
+    if array.compressors or array.filters:
+        raise RegMeanError(f"{where}: compressed or filtered chunks; this tool writes plain ones")
+    chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
+    found = 0
+    for path, info in folder.fs.find(folder.path, withdirs=True, detail=True).items():
+        relative = posixpath.relpath(path, folder.path)
+        if info.get("islink"):
+            raise RegMeanError(f"{where}: {relative} is a link; a cache holds only plain files")
+        if info.get("type") != "file" or relative == "zarr.json":
+            continue
+        if info.get("size") != chunk_bytes:
+            raise RegMeanError(f"{where}: chunk {relative} holds {info.get('size')} bytes, not {chunk_bytes}; "
+                               "the file is truncated or damaged")
+        found += 1
+    if found != array.nchunks:
+        raise RegMeanError(f"{where}: {found} chunk files on disk where {array.nchunks} belong; chunks are "
+                           "missing or foreign")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 _NP_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "V2"}

@@ -1,8 +1,9 @@
 """Run a merge plan: stream Grams and weights one batch at a time, solve on the device, emit tensors.
 
-Reading (disk, checksums) runs in a background thread one step ahead of the device work, and
-only one batch of one candidate is ever in flight, so memory is bounded by the plan's batch budget,
-not by the number of layers or candidates.
+Reading (disk, checksums, stacking into one batch tensor) runs in a background thread one step
+ahead of the device work: at most two candidates' shares of a batch are loaded at once (the one
+being solved and the next), so memory is bounded by the plan's batch budget, not by the number of
+layers or candidates.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from .linear import weight_from_in_out, weight_in_out
 from .plan import Candidate, MergePlan, MergeSettings, SolveBatch
 from .solve import reduce_off_diagonal_, solve_batch
-from .symmetric import unpack_upper
+from .symmetric import packed_length, unpack_upper
 from .weights import WeightSource
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def prefetch(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> Iterator[tuple[T, R]]:
-    """Yield (item, load(item)) with loads running ahead in one background thread."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
+def prefetch(items: Iterable[T], load: Callable[[T], R], ahead: int = 1) -> Iterator[tuple[T, R]]:
+    """Yield (item, load(item)) with loads running in one background thread, at most ``ahead`` items
+    beyond the one the caller holds: a load starts only once the caller has moved past an item."""
+    slots: queue.Queue = queue.Queue()
+    free = threading.Semaphore(ahead + 1)
     stop = threading.Event()
 
     def producer() -> None:
         try:
             for item in items:
+                free.acquire()
                 if stop.is_set():
                     return
                 slots.put((item, load(item), None))
@@ -53,9 +57,13 @@ def prefetch(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> Iter
             item, loaded, error = entry
             if error is not None:
                 raise error
+            del entry
             yield item, loaded
+            del item, loaded
+            free.release()
     finally:
         stop.set()
+        free.release()
         while thread.is_alive():
             try:
                 slots.get_nowait()
@@ -63,12 +71,22 @@ def prefetch(items: Iterable[T], load: Callable[[T], R], depth: int = 2) -> Iter
                 thread.join(0.05)
 
 
-def _load(batch: SolveBatch, candidate: Candidate) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    grams = [torch.as_tensor(candidate.grams.read_packed(group.key)) for group in batch.groups]
-    weights = [
-        torch.cat([weight_in_out(candidate.weights.get(layer.weight), layer.transposed) for _, layer in group.layers], 1)
-        for group in batch.groups
-    ]
+def _load(batch: SolveBatch, candidate: Candidate, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate's share of a batch, stacked: packed Grams (B, d(d+1)/2) and weights (B, d, width),
+    each weight transposed to (in, out) and the weights of layers sharing a Gram side by side."""
+    grams = weights = None
+    for i, group in enumerate(batch.groups):
+        packed = torch.as_tensor(candidate.grams.read_packed(group.key))
+        if grams is None:
+            grams = torch.empty(len(batch.groups), packed_length(batch.dim), dtype=packed.dtype, pin_memory=pin)
+        grams[i].copy_(packed)
+        offset = 0
+        for _, layer in group.layers:
+            weight = weight_in_out(candidate.weights.get(layer.weight), layer.transposed)
+            if weights is None:
+                weights = torch.empty(len(batch.groups), batch.dim, batch.width, dtype=weight.dtype, pin_memory=pin)
+            weights[i, :, offset:offset + layer.out_features].copy_(weight)
+            offset += layer.out_features
     return grams, weights
 
 
@@ -87,20 +105,31 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     timings = {"wait_for_reads": 0.0, "solve": 0.0}
     systems = tqdm(total=plan.num_systems, desc="merge: solve", unit="system", disable=not progress, leave=False)
     work = [(batch, candidate) for batch in plan.batches for candidate in candidates]
+    pin = torch.device(device).type == "cuda"
     wait_started = time.perf_counter()
-    matrix = rhs = anchor = target = None
-    for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item)):
+    matrix = grams = rhs = anchor = target = None
+    noise = 0.0
+    for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item, pin)):
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
-        grams = torch.stack([unpack_upper(p.to(device, non_blocking=True), batch.dim) for p in packed]).to(dtype)
+        # The Grams' own precision: the solver treats conditions beyond it as singular.
+        precision = torch.finfo(packed.dtype).eps
+        noise = precision if candidate is first else max(noise, precision)
+        if candidate is first:
+            # Two (B, d, d) buffers per batch: the running sum, and each candidate's Gram (then the factor).
+            matrix = torch.empty(len(batch.groups), batch.dim, batch.dim, dtype=dtype, device=device)
+            grams = torch.empty_like(matrix)
+        into = matrix if candidate is first else grams
+        unpack_upper(packed.to(device, non_blocking=True), batch.dim, out=into)
         scale = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
                              dtype=dtype, device=device)
-        grams.mul_(scale.view(-1, 1, 1))
-        reduce_off_diagonal_(grams, settings.reduce_non_diagonal_ratio)
-        stacked = torch.stack(weights).to(device, dtype, non_blocking=True)
+        into.mul_(scale.view(-1, 1, 1))
+        reduce_off_diagonal_(into, settings.reduce_non_diagonal_ratio)
+        stacked = weights.to(device, dtype, non_blocking=True)
+        del packed, weights
         if candidate is first:
             # The first candidate anchors the solve: the others enter as differences from it.
-            matrix, anchor = grams, stacked
+            anchor = stacked
             rhs = torch.zeros_like(anchor)
             target = torch.zeros_like(anchor)
         else:
@@ -108,9 +137,10 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
             delta = stacked.sub_(anchor)
             rhs.baddbmm_(grams, delta)
             target.add_(delta, alpha=candidate.coefficient / coefficient_sum)
-        del grams, stacked
+            del delta
+        del stacked
         if candidate is candidates[-1]:
-            result = solve_batch(matrix, rhs, anchor, target)
+            result = solve_batch(matrix, rhs, anchor, target, noise=noise, workspace=grams)
             for i, group in enumerate(batch.groups):
                 offset = 0
                 for name, layer in group.layers:
@@ -122,8 +152,10 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
                         "weight": layer.weight, "gram": group.key, "solver": result.solver[i],
                         "condition_estimate": result.condition[i], "residual": result.residual[i],
                     }
+                    if result.rank[i] is not None:
+                        report_layers[name]["rank"] = result.rank[i]
             systems.update(len(batch.groups))
-            matrix = rhs = anchor = target = result = None
+            matrix = grams = rhs = anchor = target = result = None
         timings["solve"] += time.perf_counter() - solve_started
         wait_started = time.perf_counter()
     systems.close()

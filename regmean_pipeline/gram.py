@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 
 from .errors import RegMeanError
 from .linear import LinearLayer, find_linear_layers
+from .symmetric import accumulate_upper_, mirror_upper_
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class GramStats:
 
 class GramAccumulator:
     """Forward pre-hooks on every linear layer that accumulate input Grams in place.
+
+    Each batch adds to the upper triangle only (``accumulate_upper_``); ``result`` mirrors it once.
 
     Layers fed the very same tensor object (q/k/v, gate/up) share one Gram. Sharing is found by
     object identity while this pass holds a reference to every input it saw, so an id() cannot be
@@ -139,8 +142,14 @@ class GramAccumulator:
             dim = rows.shape[-1]
             total = self._sums[key] = torch.zeros(dim, dim, dtype=self.accumulate_dtype, device=rows.device)
             self._tokens[key] = 0
-        total.addmm_(rows.transpose(0, 1), rows)
+        elif total.device != rows.device:  # restored from a checkpoint onto another device
+            total = self._sums[key] = total.to(rows.device)
+        self._product(total, rows)
         self._tokens[key] += rows.shape[0]
+
+    def _product(self, total: torch.Tensor, rows: torch.Tensor) -> None:
+        """The Gram product itself (a seam the benchmark times)."""
+        accumulate_upper_(total, rows)
 
     def _check_finite(self) -> None:
         if not self._sums:
@@ -157,12 +166,20 @@ class GramAccumulator:
                     "non-finite values or the forward pass overflowed (try --dtype float32 or bfloat16)"
                 )
 
-    def result(self) -> GramStats:
+    def restore(self, stats: GramStats, device: torch.device | str) -> None:
+        """Continue from saved sums (a checkpoint): the shared-input layout and counts come with them."""
+        unknown = sorted(set(stats.layer_grams) - set(self.layers))
+        if unknown:
+            raise RegMeanError(f"layer {unknown[0]}: in the checkpoint but not a linear layer of this model")
+        self._key_of = dict(stats.layer_grams)
+        self._sums = {key: total.to(device, self.accumulate_dtype) for key, total in stats.sums.items()}
+        self._tokens = dict(stats.tokens)
+        self.examples = stats.examples
+
+    def snapshot(self) -> GramStats:
+        """The sums so far, as live tensors (not copies): valid until the next batch runs. Only their
+        upper triangles are filled (what caches and checkpoints store); ``result`` mirrors them."""
         seen = [name for name in self.layers if name in self._key_of]
-        unseen = [name for name in self.layers if name not in self._key_of]
-        if unseen:
-            log.info("%d linear layers never ran in the forward pass and get no Gram: %s",
-                     len(unseen), ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""))
         return GramStats(
             layers={name: self.layers[name] for name in seen},
             layer_grams={name: self._key_of[name] for name in seen},
@@ -170,6 +187,16 @@ class GramAccumulator:
             tokens=dict(self._tokens),
             examples=self.examples,
         )
+
+    def result(self) -> GramStats:
+        unseen = [name for name in self.layers if name not in self._key_of]
+        if unseen:
+            log.info("%d linear layers never ran in the forward pass and get no Gram: %s",
+                     len(unseen), ", ".join(unseen[:5]) + (" ..." if len(unseen) > 5 else ""))
+        with torch.inference_mode():  # the sums were made under it (collect_grams): in-place needs it too
+            for total in self._sums.values():
+                mirror_upper_(total)
+        return self.snapshot()
 
 
 def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
@@ -185,14 +212,21 @@ def collect_grams(
     accumulate_dtype: torch.dtype = torch.float32,
     progress=None,
     layers: Iterable[LinearLayer] | None = None,
+    start: GramStats | None = None,
+    after_batch: Callable[[GramAccumulator], None] | None = None,
+    accumulator: type[GramAccumulator] = GramAccumulator,
 ) -> GramStats:
     """Run the model over the batches with the hooks on; the one loop shared by stats and the API.
 
     ``layers`` limits the hooks to some layers (one pass of a multi-pass run); default: all.
+    ``start``: sums to continue from (a resumed run); ``after_batch``: called once each batch is
+    accumulated and checked (checkpoints).
     """
     model.eval()
-    with GramAccumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
-                         layers=layers) as acc:
+    with accumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
+                     layers=layers) as acc:
+        if start is not None:
+            acc.restore(start, device)
         with torch.inference_mode():
             for batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -201,4 +235,6 @@ def collect_grams(
                     model(**batch)
                 if progress is not None:
                     progress.update(size)
+                if after_batch is not None:
+                    after_batch(acc)
         return acc.result()

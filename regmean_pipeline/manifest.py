@@ -7,6 +7,7 @@ checked for type and range before anything trusts it (sizes, names, versions).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ STORAGE_FORMATS = ("zarr", "safetensors")
 GRAM_DTYPES = ("float32", "float64")
 LAYOUT = "packed-upper"
 MAX_DIM = 1 << 18  # far above any hidden size in use; bounds what a manifest can make us allocate
-_SAFE_NAME = re.compile(r"^(?!__)(?!\.\.?$)[A-Za-z0-9_.\-]{1,400}$")
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest of the largest models is well under 1 MiB
+CHECKPOINT_FIELD = "checkpoint"  # in ``extra``: a checkpoint of an unfinished stats run, never a cache
+_SAFE_NAME = re.compile(r"(?!__)(?!\.\.?\Z)[A-Za-z0-9_.\-]{1,400}")
 
 
 @dataclass
@@ -64,7 +67,14 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=False) + "\n"
 
     def write(self, folder: Path | Folder) -> None:
-        Folder(folder).write_text(MANIFEST_NAME, self.to_json())
+        folder = Folder(folder)
+        if not folder.is_local:
+            folder.write_text(MANIFEST_NAME, self.to_json())
+            return
+        with open(folder.local_path / MANIFEST_NAME, "w") as file:
+            file.write(self.to_json())
+            file.flush()
+            os.fsync(file.fileno())  # the manifest marks the folder complete: it must not outlive its data
 
     def layers_of_gram(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {key: [] for key in self.grams}
@@ -108,7 +118,7 @@ def _count(obj: dict, key: str, where: str, low: int = 0, high: int = 1 << 62) -
 
 def check_name(name: Any, where: str) -> str:
     """Layer and gram names become array names on disk: no separators, no '..', no '__' prefix."""
-    _check(isinstance(name, str) and bool(_SAFE_NAME.match(name)), where, f"invalid name {name!r}")
+    _check(isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name)), where, f"invalid name {name!r}")
     return name
 
 
@@ -188,13 +198,24 @@ def read_manifest(folder: Path | str | Folder) -> Manifest:
     folder = Folder(folder)
     path = folder.child(MANIFEST_NAME)
     try:
-        text = folder.read_text(MANIFEST_NAME)
+        size = folder.size(MANIFEST_NAME)
+        if size > MAX_MANIFEST_BYTES:
+            raise RegMeanError(f"{path}: {size} bytes, more than any manifest needs ({MAX_MANIFEST_BYTES}); refused")
+        raw = folder.read_range(MANIFEST_NAME, 0, size)
     except FileNotFoundError:
         raise RegMeanError(f"{path}: no manifest; not a regmean stats cache (or an unfinished one)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise RegMeanError(f"{path}: cannot read ({exc})") from None
+    return parse_manifest(decode_json(raw, str(path)), str(path))
+
+
+def decode_json(raw: bytes, where: str) -> Any:
+    """JSON from untrusted bytes: any failure (encoding, syntax, nesting, huge numbers) is one clear error."""
     try:
-        data = json.loads(text)
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RegMeanError(f"{where}: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise RegMeanError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return parse_manifest(data, str(path))
+        raise RegMeanError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise RegMeanError(f"{where}: not acceptable JSON ({type(exc).__name__}: {str(exc)[:100]})") from None

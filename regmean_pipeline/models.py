@@ -79,8 +79,9 @@ def load_model(folder: Path, *, dtype: torch.dtype, device: torch.device, trust_
         kwargs["device_map"] = device_map
     try:
         model = cls.from_pretrained(str(folder), config=config, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise RegMeanError(f"{folder}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # OSError, ValueError, and a refused or damaged pickle (UnpicklingError)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RegMeanError(f"{folder}: cannot load the model ({first})") from None
     if not device_map:
         model.to(device)
     return model.eval()
@@ -116,3 +117,26 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
         else:
             first_names[id(param)] = name
     return tied
+
+
+def check_finite_parameters(model: nn.Module, where: str) -> None:
+    """Stop before the forward pass when a weight already holds NaN or Inf (one cheap pass over them)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.device.type == "meta" or not parameter.is_floating_point():
+                continue  # offloaded by a device map: checked where it is loaded, if anywhere
+            if not bool(torch.isfinite(parameter).all()):
+                layer = name.rsplit(".", 1)[0]
+                raise RegMeanError(f"{where}: parameter {name} (layer {layer}) holds NaN or Inf; "
+                                   "the checkpoint is damaged or diverged in training")
+
+
+def config_summary(config) -> dict[str, int]:
+    """The sizes two candidates must share, recorded in each cache so merge can name a mismatch."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    summary = {}
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            summary[key] = value
+    return summary

@@ -121,6 +121,7 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
         raise RegMeanError("no candidates to merge: give --cache-dir with one stats cache per subfolder, or --cache")
     seen: dict[str, Candidate] = {}
     for candidate in candidates:
+        check_candidate_name(candidate.name)
         if candidate.name in seen:
             raise RegMeanError(f"candidate name {candidate.name!r} is used twice ({seen[candidate.name].where} and "
                                f"{candidate.where}); give each cache folder its own name")
@@ -155,6 +156,12 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
     return plan
 
 
+def check_candidate_name(name: str) -> None:
+    """Candidate names end up in reports and file names: plain names only, never a path."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RegMeanError(f"candidate name {name!r}: must be a plain name (no path separators, not '.' or '..')")
+
+
 def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None:
     first = candidates[0]
     architecture = first.grams.manifest.model["architecture"]
@@ -163,6 +170,11 @@ def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None
         if manifest.model["architecture"] != architecture:
             raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): architecture "
                                f"{manifest.model['architecture']}, but {first.name} is {architecture}")
+        theirs, ours = manifest.model.get("config"), first.grams.manifest.model.get("config")
+        for key in sorted(theirs.keys() & ours.keys()) if isinstance(theirs, dict) and isinstance(ours, dict) else []:
+            if theirs[key] != ours[key]:
+                raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): {key} = {theirs[key]!r}, but "
+                                   f"{first.name} has {ours[key]!r}; all candidates must share one architecture")
         if check_fingerprints:
             found = fingerprint(candidate.weights)
             if found != manifest.model["fingerprint"]:
@@ -236,8 +248,10 @@ def _weight_shape(layer: LayerEntry) -> tuple[int, int]:
 
 
 def system_bytes(dim: int, width: int, dtype: torch.dtype) -> int:
-    """Working memory of one system in a solve batch: A, one G_i, RHS, target, W_i, solution."""
-    return (2 * dim * dim + 4 * dim * width) * torch.empty((), dtype=dtype).element_size()
+    """Working memory of one system in a solve batch, as the executor holds it: the sum A and one G_i
+    (then the factor), two candidates' packed G_i in flight (one d^2), and six (d, width) tensors: two
+    loaded W_i, anchor, RHS, fallback target, correction."""
+    return (3 * dim * dim + 6 * dim * width) * torch.empty((), dtype=dtype).element_size()
 
 
 def solve_batches(groups: list[GramGroup], settings: MergeSettings) -> list[SolveBatch]:

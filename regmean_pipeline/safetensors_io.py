@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,60 +166,85 @@ class ShardedCheckpointWriter:
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header
 
 
-class _TensorInfo:
-    def __init__(self, dtype: str, shape: list[int]):
-        self._dtype, self._shape = dtype, shape
+class SafetensorsReader:
+    """Tensors, or row ranges of them, read from a safetensors file by positioned reads straight into
+    the returned tensor's memory.
 
-    def get_dtype(self) -> str:
-        return self._dtype
-
-    def get_shape(self) -> list[int]:
-        return list(self._shape)
-
-
-class RangedSafetensorsReader:
-    """Lazy reads of a safetensors file on any fsspec filesystem: one ranged read for the header,
-    one per tensor (as mergekit's lazy loader does locally), so nothing is downloaded whole.
-
-    Offers the subset of ``safe_open``'s interface the cache reader uses (numpy tensors).
+    ``safetensors.safe_open`` memory-maps the file instead: every page a merge touches then stays
+    mapped into the process, counted in its RSS, until the file is closed, so reading K checkpoints
+    through it makes a streaming merge's RSS grow with the model. Positioned reads leave the bytes in
+    the page cache only. A file on another filesystem (fsspec) is read the same way through
+    ``read_range(start, stop) -> bytes`` and its ``size``: one ranged read for the header, one per
+    tensor, so nothing is downloaded whole.
     """
 
-    _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1"}
+    def __init__(self, path: Path | str, read_range: Callable[[int, int], bytes] | None = None,
+                 size: int | None = None):
+        self.path = Path(path)
+        self._fd = -1
+        if read_range is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._fd)
+            self._read_into, size = self._pread_into, os.fstat(self._fd).st_size
+        else:
+            def read_into(buffer: memoryview, offset: int) -> None:
+                data = read_range(offset, offset + len(buffer))
+                if len(data) != len(buffer):
+                    raise ValueError(f"{self.path}: file ends early")
+                buffer[:] = data
 
-    def __init__(self, read_range, size: int, where: str):
-        """``read_range(start, stop)`` returns those bytes of the file, whose length is ``size``."""
-        self._read_range, self.where = read_range, where
+            self._read_into = read_into
         if size < 8:
             raise ValueError("file too short for a safetensors header")
-        (length,) = struct.unpack("<Q", read_range(0, 8))
+        (length,) = struct.unpack("<Q", self._read_bytes(8, 0))
         if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
             raise ValueError(f"header length {length} is out of range")
-        header = json.loads(read_range(8, 8 + length))
+        header = json.loads(self._read_bytes(length, 8))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        self._data_start = 8 + length
-        self._entries: dict[str, tuple[str, list[int], int, int]] = {}
+        self.metadata = header.pop("__metadata__", None) or {}
+        data_start = 8 + length
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            if not 0 <= begin <= end <= size - self._data_start:
-                raise ValueError(f"tensor {name}: data offsets {begin}..{end} lie outside the file")
-            self._entries[name] = (entry["dtype"], list(entry["shape"]), begin, end)
+            dtype = DTYPES_BY_NAME.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            if dtype is None:
+                raise ValueError(f"tensor {name}: unknown dtype or malformed entry")
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+            if end - begin != TensorSpec(name, dtype, shape).nbytes or not 0 <= begin <= end <= size - data_start:
+                raise ValueError(f"tensor {name}: data offsets {begin}..{end} do not fit its shape or the file")
+            self._entries[name] = (dtype, shape, data_start + begin)
+
+    def _pread_into(self, buffer: memoryview, offset: int) -> None:
+        while buffer:
+            done = os.preadv(self._fd, [buffer], offset)
+            if done == 0:
+                raise ValueError(f"{self.path}: file ends early")
+            buffer, offset = buffer[done:], offset + done
+
+    def _read_bytes(self, count: int, offset: int) -> bytes:
+        buffer = bytearray(count)
+        self._read_into(memoryview(buffer), offset)
+        return bytes(buffer)
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
-    def get_slice(self, name: str) -> _TensorInfo:
-        dtype, shape, _, _ = self._entries[name]
-        return _TensorInfo(dtype, shape)
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
 
-    def get_tensor(self, name: str):
-        import numpy as np
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
 
-        dtype, shape, begin, end = self._entries[name]
-        data = self._read_range(self._data_start + begin, self._data_start + end)
-        values = np.frombuffer(bytearray(data), dtype=np.dtype(self._NUMPY[dtype]))  # writable, like safe_open
-        if values.size != math.prod(shape):
-            raise ValueError(f"tensor {name}: {values.size} values, shape {shape}")
-        return values.reshape(shape)
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or rows start:stop of it (along the first dimension)."""
+        dtype, shape, offset = self._entries[name]
+        if start is not None or stop is not None:
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            stop = max(start, stop)
+            offset += start * TensorSpec(name, dtype, shape[1:]).nbytes
+            shape = (stop - start, *shape[1:])
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel():
+            self._read_into(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
+        return tensor

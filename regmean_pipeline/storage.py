@@ -87,7 +87,9 @@ class Folder:
     def subfolders(self) -> list[Folder]:
         """Direct subfolders, sorted by name."""
         entries = self.fs.ls(self.path, detail=True)
-        names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
+        # A local link to a folder (a cache kept elsewhere) counts as the folder it leads to.
+        names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
+                       or (e.get("islink") and self.fs.isdir(e["name"])))
         return [self.child(name) for name in names]
 
     def size(self, name: str) -> int:

@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 
 from .errors import RegMeanError
-from .safetensors_io import DTYPE_NAMES, DTYPES_BY_NAME
+from .paths import inside
+from .safetensors_io import DTYPE_NAMES, SafetensorsReader
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,20 @@ class WeightSource(Protocol):
 
 
 class SafetensorsCheckpoint:
-    """A Hugging Face model folder's safetensors weights (one file or an index of shards), memory-mapped."""
+    """A Hugging Face model folder's safetensors weights (one file or an index of shards), read one
+    tensor at a time by positioned reads (no memory map: see ``SafetensorsReader``)."""
 
     def __init__(self, folder: Path | str):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.reference = str(self.folder)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise RegMeanError(f"{index}: not a valid safetensors index ({exc})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise RegMeanError(f"{index}: 'weight_map' must map tensor names to file names")
             files = sorted(set(weight_map.values()))
         else:
             files = [p.name for p in sorted(self.folder.glob("*.safetensors"))]
@@ -57,37 +59,33 @@ class SafetensorsCheckpoint:
         self._handles = {}
         self._file_of: dict[str, str] = {}
         for file in files:
-            path = (self.folder / file).resolve()
-            if path.parent != self.folder.resolve():
-                raise RegMeanError(f"{index}: shard {file!r} lies outside the model folder")
+            # Names from an index are untrusted text; files found by listing the folder are the folder's own.
+            path = inside(self.folder, file, f"{index} (shard)") if index.exists() else self.folder / file
             try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as exc:
+                handle = SafetensorsReader(path)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
                 raise RegMeanError(f"{path}: not a readable safetensors file ({exc})") from None
             self._handles[file] = handle
             for name in handle.keys():
                 self._file_of[name] = file
-        self._slices: dict[str, object] = {}
 
-    def _slice(self, name: str):
-        if name not in self._slices:
-            self._slices[name] = self._handles[self._file_of[name]].get_slice(name)
-        return self._slices[name]
+    def _handle(self, name: str) -> SafetensorsReader:
+        return self._handles[self._file_of[name]]
 
     def names(self) -> list[str]:
         return list(self._file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._handle(name).shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES_BY_NAME[self._slice(name).get_dtype()]
+        return self._handle(name).dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._file_of[name]].get_tensor(name)
+        return self._handle(name).read(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._slice(name)[start:stop]
+        return self._handle(name).read(name, start, stop)
 
 
 class StateDictWeights:
@@ -158,7 +156,11 @@ def open_weights(folder: Path, *, allow_pickle: bool = False) -> WeightSource:
         )
     state: dict[str, torch.Tensor] = {}
     for file in pickles:
-        state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        try:  # weights_only: the restricted unpickler that builds tensors and refuses to call anything else
+            state.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RegMeanError(f"{file}: refused or unreadable under torch.load(weights_only=True) ({first})") from None
     return StateDictWeights(state, reference=str(folder))
 
 

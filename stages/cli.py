@@ -41,6 +41,14 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def _close_progress_bars() -> None:
+    """Bars a failed stage left open would share their line with the error message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _run(action, *, debug: bool):
     """Run a stage; user errors become one line on stderr and exit status 2."""
     try:
@@ -48,6 +56,7 @@ def _run(action, *, debug: bool):
     except RegMeanError as exc:
         if debug:
             raise
+        _close_progress_bars()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -57,6 +66,7 @@ def _run(action, *, debug: bool):
         if debug or os.environ.get("REGMEAN_DEBUG"):
             raise
         first = (str(exc).splitlines() or [""])[0]
+        _close_progress_bars()
         typer.echo(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
         raise typer.Exit(1) from None
 
@@ -99,6 +109,8 @@ def stats(
     shard: Annotated[Optional[str], typer.Option(help="I/N: run share I (0-based) of N of the examples and write the shard cache OUT/shard-I-of-N; merge reads OUT as one candidate, or `regmean combine` sums the shards.")] = None,
     device_map: Annotated[Optional[str], typer.Option(help="accelerate device map (auto, balanced, sequential): spread a model too large for one device over the GPUs and CPU.")] = None,
     max_gram_memory: Annotated[Optional[str], typer.Option(help="Memory for all Gram accumulators together (e.g. 40GiB); when they need more, the layers are split into groups with one pass over the data each.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint (beside OUT, in .OUT.checkpoint/) every N batches; 0: never.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint an interrupted run left (same inputs and options); without one, start from the beginning.")] = False,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -133,6 +145,7 @@ def stats(
             format=pick(format, cfg, "format", "zarr"), trust_remote_code=trust_remote_code,
             allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet, shard=shard,
             device_map=device_map, max_gram_memory=max_gram_memory,
+            checkpoint_every=checkpoint_every, resume=resume,
         ))
 
     _run(action, debug=debug)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import STAGING_MARK, check_target, staged_directory
+from regmean_pipeline.atomic import STAGING_MARK, check_target, output_lock, staged_directory
 from regmean_pipeline.baselines import DEFAULT_SCALING, PretrainedWeights, task_arithmetic
 from regmean_pipeline.cache import GramCache
 from regmean_pipeline.distributed import Ranks, all_ok, broadcast_text, process_group, rank_device
@@ -122,9 +122,13 @@ def open_candidates(options: MergeOptions) -> list[Candidate]:
 
 
 def run_merge(options: MergeOptions) -> dict:
-    """One merge; under torchrun, one rank of it (the ranks share the solves, rank 0 publishes)."""
+    """One merge; under torchrun, one rank of it (the ranks share the solves, rank 0 publishes).
+
+    The publishing process holds OUT's lock throughout, so a second run on the same OUT stops at once.
+    """
     with process_group() as ranks:
-        return _run_merge(options, ranks)
+        with output_lock(Path(options.out)) if ranks.is_main else contextlib.nullcontext():
+            return _run_merge(options, ranks)
 
 
 def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:

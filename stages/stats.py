@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import time
@@ -12,17 +13,20 @@ import torch
 from tqdm.auto import tqdm
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import check_folder_target, published_folder
+from regmean_pipeline.atomic import check_folder_target, output_lock, published_folder
 from regmean_pipeline.cache import write_cache
-from regmean_pipeline.data import DatasetSpec, load_examples, make_loader
+from regmean_pipeline.checkpoint import StatsCheckpoints
+from regmean_pipeline.data import DatasetSpec, examples_digest, load_examples, make_loader
 from regmean_pipeline.distributed import Ranks, process_group, rank_device, share, sum_gram_stats
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.gram import collect_grams
 from regmean_pipeline.gram_passes import collect_grams_in_passes
 from regmean_pipeline.hf_output import parse_size
-from regmean_pipeline.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest, manifest_from_stats
-from regmean_pipeline.models import (architecture_of, forward_inputs, load_model, load_preprocessor, parse_dtype,
-                                     resolve_device, tied_parameter_names)
+from regmean_pipeline.linear import find_linear_layers
+from regmean_pipeline.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest, manifest_from_stats, read_manifest
+from regmean_pipeline.models import (architecture_of, check_finite_parameters, config_summary, forward_inputs,
+                                     load_model, load_preprocessor, parse_dtype, resolve_device,
+                                     tied_parameter_names)
 from regmean_pipeline.shards import ShardSpec
 from regmean_pipeline.storage import Folder
 from regmean_pipeline.weights import fingerprint, open_weights, resolve_model_dir
@@ -56,21 +60,36 @@ class StatsOptions:
     shard: str | None = None  # "I/N": this job's share of the examples, written to OUT/shard-I-of-N
     device_map: str | None = None  # accelerate device map ("auto"): the model spread over GPUs and CPU
     max_gram_memory: str | None = None  # bound on all accumulators together; more passes when exceeded
+    checkpoint_every: int = 0  # save a checkpoint every N batches (0: never)
+    resume: bool = False  # continue from the checkpoint an interrupted run left
 
 
 def run_stats(options: StatsOptions) -> Manifest:
-    """One stats job; under torchrun, one rank of it (the ranks split the examples, rank 0 writes)."""
+    """One stats job; under torchrun, one rank of it (the ranks split the examples, rank 0 writes).
+
+    The writing process holds the local OUT's lock throughout, so a second run on it stops at once.
+    """
     with process_group() as ranks:
-        return _run_stats(options, ranks)
+        out = _target(options)
+        locked = out.is_local and ranks.is_main
+        with output_lock(out.local_path) if locked else contextlib.nullcontext():
+            return _run_stats(options, ranks)
+
+
+def _target(options: StatsOptions) -> Folder:
+    out = Folder(options.out)
+    return out.child(ShardSpec.parse(options.shard).folder_name) if options.shard else out
 
 
 def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
     started = time.perf_counter()
     shard = ShardSpec.parse(options.shard) if options.shard else None
-    out = Folder(options.out)
-    if shard is not None:
-        out = out.child(shard.folder_name)
+    out = _target(options)
     budget = _gram_budget(options.max_gram_memory)
+    checkpointed = bool(options.checkpoint_every or options.resume)
+    if checkpointed and (ranks.active or budget is not None or not out.is_local):
+        raise RegMeanError("--checkpoint-every/--resume: for one process writing a local OUT in one pass (not under "
+                           "torchrun, with --max-gram-memory, or to an object store); use --shard jobs instead")
     if options.format not in STORAGE_FORMATS:
         raise RegMeanError(f"--format: {options.format!r} is not one of {', '.join(STORAGE_FORMATS)}")
     accumulate_dtype = parse_dtype(options.accumulate_dtype, "--accumulate-dtype")
@@ -81,7 +100,11 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
         raise RegMeanError("--device-map: spreads one process's model over the devices; under torchrun each rank "
                            "already takes its own GPU, so leave --device-map out there")
     device = resolve_device(rank_device(ranks, options.device))
-    check_folder_target(out, overwrite=options.overwrite)
+    if not (options.resume and out.exists()):
+        check_folder_target(out, overwrite=options.overwrite)
+    if out.is_local and StatsCheckpoints(out.local_path, {}).exists() and not (options.resume or options.overwrite):
+        raise RegMeanError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue it, "
+                           "or --overwrite to start over")
 
     folder = resolve_model_dir(options.model)
     weights_fingerprint = fingerprint(open_weights(folder, allow_pickle=options.allow_pickle)) if ranks.is_main else ""
@@ -91,43 +114,71 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
     spec = DatasetSpec(dataset, options.split, options.text_column, options.text_pair_column,
                        options.image_column, options.num_examples, options.seed, options.max_length)
     examples = select_share(load_examples(spec, images=images), shard, ranks)
+    identity = {"fingerprint": weights_fingerprint, "dataset": spec.as_dict(),
+                "examples": examples_digest(examples, spec) if checkpointed else "", "batch_size": options.batch_size,
+                "include_padding": options.include_padding, "dtype": options.dtype,
+                "accumulate_dtype": options.accumulate_dtype, "shard": options.shard}
+    if options.resume and out.exists():
+        return _already_complete(out.local_path, identity)
     model = load_model(folder, dtype=forward_dtype, device=device, trust_remote_code=options.trust_remote_code,
                        allow_pickle=options.allow_pickle, device_map=options.device_map)
+    check_finite_parameters(model, str(folder))
     if options.device_map:
         device = input_device(model)
     preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code)
     if not images and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = preprocessor.pad_token_id  # sequence-classification heads need it to pool
-    loader = make_loader(examples, preprocessor, spec, accepted=forward_inputs(model), config=model.config,
-                         batch_size=options.batch_size, num_workers=options.num_workers)
+    reference = options.model if not Path(options.model).expanduser().exists() else str(folder)
 
-    with tqdm(total=len(examples), desc=f"stats {out.name}", unit="ex",
-              disable=not options.progress or not ranks.is_main) as bar:
+    def manifest_of(stats) -> Manifest:
+        return manifest_from_stats(
+            stats,
+            model={"reference": reference, "architecture": architecture_of(model.config),
+                   "model_type": getattr(model.config, "model_type", ""), "fingerprint": weights_fingerprint,
+                   "config": config_summary(model.config)},
+            dataset=spec.as_dict(),
+            storage=options.format, forward_dtype=options.dtype, accumulate_dtype=options.accumulate_dtype,
+            include_padding=options.include_padding, tool=f"regmean-pipeline {__version__}",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    checkpoints = StatsCheckpoints(out.local_path, identity, every=options.checkpoint_every,
+                                   manifest_of=manifest_of) if checkpointed else None
+    resumed = checkpoints.load({layer.name: layer for layer in find_linear_layers(model)}) if options.resume else None
+    if checkpoints is not None and not options.resume:
+        checkpoints.clear()  # --overwrite: an old checkpoint must not be mixed into this run
+    if options.resume and resumed is None:
+        log.info("--resume: no checkpoint for %s; starting from the first batch", out)
+    batches = make_loader(examples, preprocessor, spec, accepted=forward_inputs(model), config=model.config,
+                          batch_size=options.batch_size, num_workers=options.num_workers,
+                          skip_batches=resumed.batches if resumed else 0, counts=resumed.counts if resumed else None)
+
+    with tqdm(total=len(examples), initial=min(len(examples), batches.consumed * options.batch_size),
+              desc=f"stats {out.name}", unit="ex", disable=not options.progress or not ranks.is_main) as bar:
         if budget is None:
-            stats = collect_grams(model, loader, device=device, include_padding=options.include_padding,
-                                  accumulate_dtype=accumulate_dtype, progress=bar)
+            save = None if checkpoints is None else \
+                lambda acc: checkpoints.maybe_save(batches.consumed, acc.snapshot, batches.counts)
+            stats = collect_grams(model, batches, device=device, include_padding=options.include_padding,
+                                  accumulate_dtype=accumulate_dtype, progress=bar,
+                                  start=resumed.stats if resumed else None, after_batch=save)
         else:
-            stats = collect_grams_in_passes(model, loader, device=device, budget=budget,
+            stats = collect_grams_in_passes(model, batches, device=device, budget=budget,
                                             include_padding=options.include_padding,
                                             accumulate_dtype=accumulate_dtype, progress=bar)
+    batches.log_counts(f"dataset {spec.path}")
+    if stats.examples == 0:
+        raise RegMeanError(f"dataset {spec.path}: no usable examples (all {len(examples)} were skipped)")
     stats = stats.without_weights(tied_parameter_names(model))
     if ranks.active:
         stats = sum_gram_stats(stats)
-    reference = options.model if not Path(options.model).expanduser().exists() else str(folder)
-    manifest = manifest_from_stats(
-        stats,
-        model={"reference": reference, "architecture": architecture_of(model.config),
-               "model_type": getattr(model.config, "model_type", ""), "fingerprint": weights_fingerprint},
-        dataset=spec.as_dict(),
-        storage=options.format, forward_dtype=options.dtype, accumulate_dtype=options.accumulate_dtype,
-        include_padding=options.include_padding, tool=f"regmean-pipeline {__version__}",
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    manifest = manifest_of(stats)
     manifest.shard = shard.as_dict() if shard is not None else None
     if not ranks.is_main:
         return manifest
     with published_folder(out, overwrite=options.overwrite, ready_marker=MANIFEST_NAME) as stage:
         write_cache(stage, manifest, stats.sums)
+    if checkpoints is not None:
+        checkpoints.clear()
     tokens = sum(entry.tokens for entry in manifest.grams.values())
     log.info("stats: %d examples%s, %d linear layers -> %d Grams (%s rows), %.1fs -> %s", manifest.examples,
              f" over {ranks.world} processes" if ranks.active else "", len(manifest.layers), len(manifest.grams),
@@ -165,3 +216,14 @@ def _gram_budget(text: str | None) -> int | None:
         return parse_size(text)
     except ValueError as exc:
         raise RegMeanError(f"--max-gram-memory: {exc}") from None
+
+
+def _already_complete(out: Path, identity: dict) -> Manifest:
+    """--resume on a finished OUT (a run killed between publishing and cleaning up): done, if it is the
+    same run's output; its leftover checkpoint goes."""
+    manifest = read_manifest(out)
+    if manifest.model.get("fingerprint") != identity["fingerprint"] or manifest.dataset != identity["dataset"]:
+        raise RegMeanError(f"{out}: already exists and holds another run's cache; pass --overwrite to replace it")
+    StatsCheckpoints(out, identity).clear()
+    log.info("stats: %s is already complete", out)
+    return manifest

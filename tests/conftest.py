@@ -64,3 +64,35 @@ def cli(monkeypatch):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def bert_caches(workspace, tmp_path_factory) -> dict[str, Path]:
+    """One stats cache per storage format of a tiny BERT; tests copy them before damaging anything."""
+    from stages.stats import StatsOptions, run_stats
+
+    root = tmp_path_factory.mktemp("bert-caches")
+    for fmt in ("zarr", "safetensors"):
+        run_stats(StatsOptions(model=str(workspace.model("bert", 1)), dataset=str(workspace.text_task(1)),
+                               out=str(root / fmt), format=fmt, device="cpu", progress=False))
+    return {fmt: root / fmt for fmt in ("zarr", "safetensors")}
+
+
+def read_every_gram(folder: Path) -> None:
+    """Read a cache as merge does: every Gram, with all its checks."""
+    from regmean_pipeline.cache import GramCache
+
+    cache = GramCache(folder)
+    for key in cache.manifest.grams:
+        cache.read_packed(key)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault tally (tests/faults.py) of this session, for the README's Reliability table."""
+    from tests.faults import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("fault tally")
+        for line in lines:
+            terminalreporter.write_line(line)
