@@ -306,6 +306,7 @@ def evaluate(
     title: Annotated[str, typer.Option(help="Title of the chart.")] = "Test accuracy per task",
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
+    reuse_scores: Annotated[bool, typer.Option(help="Do not score again a model whose files, test data and settings match a score in OUT/results.json or the model's finetune.json (sha256 of the files).")] = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -321,7 +322,8 @@ def evaluate(
             raise RegMeanError("--method: a label is given twice")
         results = run_eval(EvalOptions(tasks=task, methods=methods, out=out, reference=reference,
                                        batch_size=batch_size, max_length=max_length, device=device,
-                                       overwrite=overwrite, progress=not quiet, title=title))
+                                       overwrite=overwrite, progress=not quiet, title=title,
+                                       reuse_scores=reuse_scores))
         typer.echo(format_table(results))
         typer.echo(f"results: {Path(out) / RESULTS_NAME}, chart: {Path(out) / CHART_NAME}")
 

@@ -1,5 +1,9 @@
 """Score models per task: every method is a folder holding one model folder per task (the candidates
-themselves, or a merge's per-candidate export: merged body plus that task's own head)."""
+themselves, or a merge's per-candidate export: merged body plus that task's own head).
+
+With ``reuse_scores``, a model whose files, test data, settings and torch are those of a score in
+OUT's earlier results.json or in the candidate's finetune.json is not scored again (see
+regmean_pipeline.score_reuse); every score records its key either way."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from regmean_pipeline.evaluate import accuracy
 from regmean_pipeline.hf_output import write_json
 from regmean_pipeline.models import resolve_device
 from regmean_pipeline.results import format_table, method_average, plot_accuracy
+from regmean_pipeline.score_reuse import ScoreBook, score_key
 from regmean_pipeline.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ class EvalOptions:
     overwrite: bool = False
     progress: bool = True
     title: str = "Test accuracy per task"
+    reuse_scores: bool = False  # look scores of unchanged models up instead of recomputing them
 
 
 def load_classifier(folder: Path, task, device: torch.device):
@@ -72,19 +78,40 @@ def run_eval(options: EvalOptions) -> dict:
     reference = options.reference if options.reference in options.methods else None
     device = resolve_device(options.device)
     test_sets = {task.name: task.load("test") for task in tasks}
+    checksums = {task.name: task.checksum() for task in tasks}
+    book = ScoreBook()
+    if options.reuse_scores:
+        book.read_eval_results(out / RESULTS_NAME)
+        for root in options.methods.values():
+            for task in tasks:
+                book.read_finetune_record(Path(root) / task.name / "finetune.json")
+    reused = 0
     methods = {}
     with tqdm(total=len(tasks) * len(options.methods), desc="eval", unit="model", disable=not options.progress) as bar:
         for label, root in options.methods.items():
             per_task = {}
             for task in tasks:
                 bar.set_postfix_str(f"{label}/{task.name}")
-                model, tokenizer = load_classifier(Path(root) / task.name, task, device)
-                per_task[task.name] = accuracy(model, tokenizer, test_sets[task.name], batch_size=options.batch_size,
-                                               max_length=options.max_length, desc=f"{label}/{task.name}",
-                                               progress=options.progress)
+                folder = Path(root) / task.name
+                key = score_key(folder, checksums[task.name], max_length=options.max_length,
+                                batch_size=options.batch_size, device=device)
+                scores = book.find(key) if options.reuse_scores else None
+                if scores is not None:
+                    reused += 1
+                    scores["reused"] = True
+                else:
+                    model, tokenizer = load_classifier(folder, task, device)
+                    scores = accuracy(model, tokenizer, test_sets[task.name], batch_size=options.batch_size,
+                                      max_length=options.max_length, desc=f"{label}/{task.name}",
+                                      progress=options.progress)
+                    del model
+                per_task[task.name] = {**scores, "key": key}
                 bar.update()
             methods[label] = {"folder": str(root), "per_task": per_task, "average": method_average(per_task)}
             log.info("eval %s: average accuracy %.4f", label, methods[label]["average"])
+    if options.reuse_scores:
+        log.info("eval: %d of %d scores reused (those models' files are unchanged since they were scored)",
+                 reused, len(tasks) * len(options.methods))
     results = {
         "format": "regmean-eval", "version": 1, "tool": f"regmean-pipeline {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -93,6 +120,7 @@ def run_eval(options: EvalOptions) -> dict:
         "tasks": [{"name": t.name, "folder": str(t.folder), "test_examples": len(test_sets[t.name])} for t in tasks],
         "reference": reference, "methods": methods,
         "settings": {"batch_size": options.batch_size, "max_length": options.max_length},
+        "reused_scores": reused,
     }
     with staged_directory(out, overwrite=options.overwrite) as stage:
         (stage / TABLE_NAME).write_text(format_table(results) + "\n")

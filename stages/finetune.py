@@ -23,6 +23,7 @@ from regmean_pipeline.evaluate import accuracy
 from regmean_pipeline.finetune import FinetuneSettings, default_base_model, finetune, new_classifier
 from regmean_pipeline.hf_output import write_json
 from regmean_pipeline.models import resolve_device
+from regmean_pipeline.score_reuse import score_key
 from regmean_pipeline.tasks import load_task
 from regmean_pipeline.weights import fingerprint, open_weights, resolve_model_dir
 
@@ -101,6 +102,9 @@ def _train_one(task, base: Path, tokenizer, recipe: dict, target: Path, options:
     with staged_directory(target, overwrite=options.overwrite) as stage:
         model.to("cpu").save_pretrained(str(stage))
         tokenizer.save_pretrained(str(stage))
+        # The key regmean eval --reuse-scores looks for: these files, this data, these settings.
+        scores["key"] = score_key(stage, recipe["task_checksum"], max_length=settings.max_length,
+                                  batch_size=options.eval_batch_size, device=device)
         write_json(stage / RECORD_NAME, record)
     log.info("finetune %s: %d steps in %.0fs, test accuracy %.4f -> %s", task.name, settings.steps,
              record["seconds"]["train"], scores["accuracy"], target)

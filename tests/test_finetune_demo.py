@@ -80,7 +80,7 @@ def test_finetune_freeze_keeps_parameters_at_the_base(tiny_setup, cli, tmp_path)
     assert code == 2 and "freezes every parameter" in err
 
 
-def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, tmp_path):
+def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, cli, tmp_path):
     """The Makefile's own demo steps (finetune, stats, merge, baselines, eval) on a tiny base and two tasks."""
     if shutil.which("make") is None:
         pytest.fail("make is not installed; the demo is driven by the Makefile")
@@ -98,9 +98,13 @@ def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, tmp_path):
     results = read_json(demo / "eval" / "results.json")
     assert list(results["methods"]) == ["individual", "average", "task-arithmetic-0.5", "regmean"]
     assert [t["name"] for t in results["tasks"]] == ["alpha", "beta"]
-    for task in ("alpha", "beta"):  # eval scores the candidates exactly as fine-tuning recorded them
+    scored = ("accuracy", "correct", "total")
+    for task in ("alpha", "beta"):  # the candidates' own scores are taken from their fine-tuning records
         recorded = read_json(demo / "candidates" / task / "finetune.json")["test"]
-        assert results["methods"]["individual"]["per_task"][task] == recorded
+        individual = results["methods"]["individual"]["per_task"][task]
+        assert individual["reused"] is True and individual["key"] == recorded["key"]
+        assert {k: individual[k] for k in scored} == {k: recorded[k] for k in scored}
+    assert results["reused_scores"] == 2 and "reused" not in results["methods"]["regmean"]["per_task"]["alpha"]
     regmean = results["methods"]["regmean"]
     assert regmean["average"] == pytest.approx(sum(v["accuracy"] for v in regmean["per_task"].values()) / 2)
     assert read_json(demo / "merged" / "task_arithmetic_0.5" / "merge_report.json")["settings"]["scaling"] == 0.5
@@ -110,3 +114,47 @@ def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, tmp_path):
     assert table in result.stdout and str(demo / "eval" / "accuracy.png") in result.stdout
     assert json.loads((demo / "merged" / "regmean" / "per_candidate" / "beta" / "config.json").read_text())[
         "id2label"] == {"0": "x", "1": "y", "2": "z"}
+
+
+def test_eval_reuses_scores_only_for_unchanged_models(tiny_setup, cli, tmp_path):
+    """Scores are recomputed without --reuse-scores and equal the recorded ones (the same computation);
+    with it, a rerun scores nothing again, and a model whose weights changed is scored again."""
+    base, tasks = tiny_setup
+    code, _, err = finetune(cli, base, tasks, tmp_path / "cands", "--steps", 20, "--learning-rate", 3e-3)
+    assert code == 0, err
+    for name in ("alpha", "beta"):  # a second method: copies of the candidates, one of them changed below
+        shutil.copytree(tmp_path / "cands" / name, tmp_path / "copies" / name)
+        (tmp_path / "copies" / name / "finetune.json").unlink()
+
+    def evaluate(out, *args):
+        code, _, err = cli("eval", "--task", tasks / "alpha", "--task", tasks / "beta", "--device", "cpu",
+                           "--method", f"individual={tmp_path / 'cands'}", "--method", f"copies={tmp_path / 'copies'}",
+                           "--out", out, *args)
+        assert code == 0, err
+        return read_json(out / "results.json")
+
+    fresh = evaluate(tmp_path / "fresh")
+    assert fresh["reused_scores"] == 0
+    for name in ("alpha", "beta"):
+        recorded = read_json(tmp_path / "cands" / name / "finetune.json")["test"]
+        assert fresh["methods"]["individual"]["per_task"][name] == recorded
+        assert fresh["methods"]["copies"]["per_task"][name]["key"]["model"] == recorded["key"]["model"]
+
+    first = evaluate(tmp_path / "eval", "--reuse-scores")
+    assert first["reused_scores"] == 4  # the copies have the candidates' files, so the records' keys match
+    again = evaluate(tmp_path / "eval", "--reuse-scores", "--overwrite")
+    assert again["reused_scores"] == 4
+
+    from safetensors.torch import load_file, save_file
+
+    weights_path = tmp_path / "copies" / "beta" / "model.safetensors"
+    weights = load_file(str(weights_path))
+    weights = {k: (-v if k.startswith("classifier.") else v) for k, v in weights.items()}  # flip the head
+    save_file(weights, str(weights_path), metadata={"format": "pt"})
+    changed = evaluate(tmp_path / "eval", "--reuse-scores", "--overwrite")
+    assert changed["reused_scores"] == 3
+    beta = changed["methods"]["copies"]["per_task"]["beta"]
+    assert "reused" not in beta and beta["key"]["model"] != fresh["methods"]["copies"]["per_task"]["beta"]["key"]["model"]
+    assert beta["correct"] != fresh["methods"]["copies"]["per_task"]["beta"]["correct"]
+    other = evaluate(tmp_path / "eval", "--reuse-scores", "--overwrite", "--max-length", 16)
+    assert other["reused_scores"] == 0  # other settings, other keys
