@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Used only when the venv has no torch yet (a plain `pip install torch` may pull a multi-GB CUDA build).
+# Installed only when the venv has no torch yet.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_DIR ?= outputs/demo
@@ -14,17 +14,23 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# One pip run per target: the venv, torch when it has none (a plain `pip install torch` may pull a
+# multi-GB CUDA build), and the package with the extra that target needs; a stamp per extra and
+# pyproject version.
+define install_with
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
-	@rm -f $(VENV)/.installed-* && touch $@
-
-# Each target adds its own extra on top of the package (a stamp per extra and pyproject version).
-EXTRA_STAMP = $(VENV)/.extra-$(1)-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-$(VENV)/.extra-%: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(firstword $(subst -, ,$*))]"
+	@if $(PY) -c "import torch" 2>/dev/null; then torch=; else torch="$(TORCH_SPEC)"; fi; \
+	  echo "pip install $$torch -e '$(1)'"; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check $$torch -e "$(1)"
 	@touch $@
+endef
+
+$(STAMP): pyproject.toml
+	$(call install_with,.)
+
+EXTRA_STAMP = $(VENV)/.extra-$(1)-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+$(VENV)/.extra-%: pyproject.toml
+	$(call install_with,.[$(firstword $(subst -, ,$*))])
 
 test: $(call EXTRA_STAMP,test)
 	$(PY) -m pytest -q
