@@ -33,6 +33,18 @@ class PretrainedWeights:
         self.source, self.prefix = source, f"{prefix}." if prefix else ""
         self._names = set(source.names())
 
+    @classmethod
+    def for_candidates(cls, source: WeightSource, names: list[str]) -> PretrainedWeights:
+        """The prefix read off the names (``bert`` when ``bert.x`` is a candidate's and ``x`` the
+        checkpoint's) rather than from the model class, whose import costs seconds; ``check`` then
+        holds every merged name to it."""
+        own = set(source.names())
+        for name in names:
+            head, _, rest = name.partition(".")
+            if name not in own and rest in own:
+                return cls(source, head)
+        return cls(source)
+
     def name_for(self, name: str) -> str | None:
         if name in self._names:
             return name

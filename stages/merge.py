@@ -21,7 +21,7 @@ from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.executor import execute_merge
 from regmean_pipeline.hf_output import copy_model_files, parse_size, write_json
 from regmean_pipeline.manifest import MANIFEST_NAME
-from regmean_pipeline.models import load_config, model_class, parse_dtype, resolve_device
+from regmean_pipeline.models import parse_dtype, resolve_device
 from regmean_pipeline.layer_parallel import output_owners, split_plan
 from regmean_pipeline.per_candidate import export_per_candidate
 from regmean_pipeline.plan import DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
@@ -149,7 +149,9 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
     plan = plan_merge(candidates, settings, base=base)
     combine = None
     if options.method == "task-arithmetic":
-        pretrained = open_pretrained(options.pretrained, candidates[0], allow_pickle=options.allow_pickle)
+        folder = resolve_model_dir(options.pretrained)
+        pretrained = PretrainedWeights.for_candidates(open_weights(folder, allow_pickle=options.allow_pickle),
+                                                      plan.averaged)
         pretrained.check(plan.averaged, candidates[0])
         combine = task_arithmetic(candidates, pretrained, options.scaling)
     parts = split_plan(plan, ranks.world)
@@ -227,15 +229,6 @@ def check_method_options(options: MergeOptions) -> None:
             options.scaling = DEFAULT_SCALING
     elif options.pretrained or options.scaling is not None:
         raise RegMeanError(f"--pretrained/--scaling: only --method task-arithmetic uses them (not {options.method})")
-
-
-def open_pretrained(reference: str, first: Candidate, *, allow_pickle: bool) -> PretrainedWeights:
-    """The pretrained checkpoint, addressed with the candidates' names (bert.encoder... or encoder...)."""
-    folder = resolve_model_dir(reference)
-    prefix = ""
-    if first.model_dir is not None:
-        prefix = getattr(model_class(load_config(first.model_dir)), "base_model_prefix", "") or ""
-    return PretrainedWeights(open_weights(folder, allow_pickle=allow_pickle), prefix)
 
 
 def build_report(options: MergeOptions, settings: MergeSettings, plan, candidates: list[Candidate], result: dict,
