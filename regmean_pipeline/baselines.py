@@ -38,12 +38,13 @@ class PretrainedWeights:
         """The prefix read off the names (``bert`` when ``bert.x`` is a candidate's and ``x`` the
         checkpoint's) rather than from the model class, whose import costs seconds; ``check`` then
         holds every merged name to it."""
-        own = set(source.names())
+        pretrained = cls(source)
         for name in names:
             head, _, rest = name.partition(".")
-            if name not in own and rest in own:
-                return cls(source, head)
-        return cls(source)
+            if name not in pretrained._names and rest in pretrained._names:
+                pretrained.prefix = f"{head}."
+                break
+        return pretrained
 
     def name_for(self, name: str) -> str | None:
         if name in self._names:

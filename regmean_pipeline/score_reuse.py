@@ -50,9 +50,6 @@ class ScoreBook:
     def __init__(self) -> None:
         self._scores: dict[str, dict] = {}
 
-    def __len__(self) -> int:
-        return len(self._scores)
-
     def add(self, key: dict | None, scores: dict) -> None:
         if isinstance(key, dict) and {"accuracy", "correct", "total"} <= set(scores):
             self._scores[_key_id(key)] = {k: scores[k] for k in ("accuracy", "correct", "total")}
