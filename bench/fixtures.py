@@ -15,9 +15,9 @@ import torch
 import transformers
 from torch import nn
 
-from regmean_pipeline.gram import GramAccumulator
-from regmean_pipeline.linear import find_linear_layers
-from regmean_pipeline.symmetric import upper_product_flops
+from regmean_pipeline.cache.symmetric import upper_product_flops
+from regmean_pipeline.measure.gram import GramAccumulator
+from regmean_pipeline.measure.linear import find_linear_layers
 from regmean_pipeline.testing import VOCAB_SIZE, make_tokenizer, write_text_task
 
 

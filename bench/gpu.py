@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -28,11 +27,11 @@ import torch
 import transformers
 
 from bench.fixtures import llama_config, markdown_table, matmul_rate, recorded_timed_grams, timed
-from regmean_pipeline.cache import GramCache, write_cache
-from regmean_pipeline.gram import collect_grams
-from regmean_pipeline.manifest import manifest_from_stats
-from regmean_pipeline.solve import solve_batch
-from regmean_pipeline.weights import SafetensorsCheckpoint, fingerprint, open_weights
+from regmean_pipeline.cache.manifest import manifest_from_stats
+from regmean_pipeline.cache.store import GramCache, write_cache
+from regmean_pipeline.io.weights import SafetensorsCheckpoint, fingerprint, open_weights
+from regmean_pipeline.measure.gram import collect_grams
+from regmean_pipeline.merge.solve import solve_batch
 from stages.merge import MergeOptions, run_merge
 
 log = logging.getLogger("bench.gpu")

@@ -43,7 +43,7 @@ def run_fusionbench(cache_dir: Path, out: Path, ratio: float) -> dict:
     from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
     from safetensors.torch import load_file, save_file
 
-    from regmean_pipeline.cache import GramCache
+    from regmean_pipeline.cache.store import GramCache
 
     imported = current_rss_bytes()
     started = time.perf_counter()

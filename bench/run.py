@@ -32,12 +32,22 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from bench.fixtures import (FusionBenchStyleStats, TimedGrams, build_llama, llama_config, markdown_table,
-                            matmul_rate, minilm_path, perturbed_copy, text_task, timed)
-from regmean_pipeline.data import Batches, DatasetSpec, TextCollator, load_examples, make_loader
-from regmean_pipeline.gram import collect_grams
-from regmean_pipeline.manifest import read_manifest
-from regmean_pipeline.models import forward_inputs, load_model, load_preprocessor
+from bench.fixtures import (
+    FusionBenchStyleStats,
+    TimedGrams,
+    build_llama,
+    llama_config,
+    markdown_table,
+    matmul_rate,
+    minilm_path,
+    perturbed_copy,
+    text_task,
+    timed,
+)
+from regmean_pipeline.cache.manifest import read_manifest
+from regmean_pipeline.measure.data import Batches, DatasetSpec, TextCollator, load_examples, make_loader
+from regmean_pipeline.measure.gram import collect_grams
+from regmean_pipeline.measure.models import forward_inputs, load_model, load_preprocessor
 from stages.stats import StatsOptions, run_stats
 
 log = logging.getLogger("bench")
@@ -153,7 +163,7 @@ def relative_differences(ours: Path, theirs: Path) -> dict[str, float]:
 
 
 def _read_merged(folder: Path, name: str) -> torch.Tensor:
-    from regmean_pipeline.weights import SafetensorsCheckpoint
+    from regmean_pipeline.io.weights import SafetensorsCheckpoint
 
     return SafetensorsCheckpoint(folder).get(name)
 
@@ -183,8 +193,8 @@ def float64_check(caches: Path, ours: Path, theirs: Path, names: list[str]) -> t
     """Relative errors of both results on ``names`` against merging_with_regmean_weights in float64."""
     from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
 
-    from regmean_pipeline.cache import GramCache
-    from regmean_pipeline.weights import SafetensorsCheckpoint
+    from regmean_pipeline.cache.store import GramCache
+    from regmean_pipeline.io.weights import SafetensorsCheckpoint
 
     cache_list = [GramCache(p) for p in sorted(caches.iterdir()) if (p / "manifest.json").exists()]
     weights = [SafetensorsCheckpoint(Path(c.manifest.model["reference"])) for c in cache_list]

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .errors import RegMeanError  # noqa: E402
+from regmean_pipeline.errors import RegMeanError  # noqa: E402
 
 __all__ = ["RegMean", "RegMeanError", "__version__"]
 
@@ -10,7 +10,7 @@ __all__ = ["RegMean", "RegMeanError", "__version__"]
 def __getattr__(name: str):
     # The API pulls in torch and transformers; import it only when asked for.
     if name == "RegMean":
-        from .api import RegMean
+        from regmean_pipeline.api import RegMean
 
         return RegMean
     raise AttributeError(name)

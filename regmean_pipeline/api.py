@@ -15,16 +15,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import InMemoryGrams
-from .config import load_config, parse_config
-from .data import DatasetSpec, make_loader
-from .errors import RegMeanError
-from .executor import execute_merge
-from .gram import collect_grams
-from .manifest import manifest_from_stats
-from .models import architecture_of, forward_inputs, parse_dtype, resolve_device, tied_parameter_names
-from .plan import Candidate, MergeSettings, plan_merge
-from .weights import StateDictWeights, fingerprint
+from regmean_pipeline.cache.manifest import manifest_from_stats
+from regmean_pipeline.cache.store import InMemoryGrams
+from regmean_pipeline.config import load_config, parse_config
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.weights import StateDictWeights, fingerprint
+from regmean_pipeline.measure.data import DatasetSpec, make_loader
+from regmean_pipeline.measure.gram import collect_grams
+from regmean_pipeline.measure.models import (
+    architecture_of,
+    forward_inputs,
+    parse_dtype,
+    resolve_device,
+    tied_parameter_names,
+)
+from regmean_pipeline.merge.executor import execute_merge
+from regmean_pipeline.merge.plan import Candidate, MergeSettings, plan_merge
 
 log = logging.getLogger(__name__)
 

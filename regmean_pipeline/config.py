@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .errors import RegMeanError
+from regmean_pipeline.errors import RegMeanError
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
-from .errors import RegMeanError
-from .gram_passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
-from .linear import find_linear_layers
-from .manifest import LayerEntry
-from .models import forward_inputs, load_config, model_class, tied_parameter_names
-from .plan import GramGroup, MergeSettings, solve_batches, system_bytes
-from .symmetric import packed_length
+from regmean_pipeline.cache.manifest import LayerEntry
+from regmean_pipeline.cache.symmetric import packed_length
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.measure.linear import find_linear_layers
+from regmean_pipeline.measure.models import forward_inputs, load_config, model_class, tied_parameter_names
+from regmean_pipeline.measure.passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
+from regmean_pipeline.merge.plan import GramGroup, MergeSettings, solve_batches, system_bytes
 
 log = logging.getLogger(__name__)
 

@@ -241,7 +241,7 @@ def finetune(
     _setup_logging(quiet, debug)
 
     def action():
-        from regmean_pipeline.finetune import FinetuneSettings
+        from regmean_pipeline.tasks.finetune import FinetuneSettings
         from stages.finetune import FinetuneOptions, run_finetune
 
         settings = FinetuneSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
@@ -275,8 +275,8 @@ def plan(
     def action():
         import json
 
-        from regmean_pipeline.hf_output import parse_size
-        from regmean_pipeline.models import parse_dtype
+        from regmean_pipeline.io.model_folder import parse_size
+        from regmean_pipeline.measure.models import parse_dtype
         from regmean_pipeline.sizing import estimate, table
 
         try:
@@ -314,7 +314,7 @@ def evaluate(
     _setup_logging(quiet, debug)
 
     def action():
-        from regmean_pipeline.results import format_table
+        from regmean_pipeline.tasks.results import format_table
         from stages.evaluate import CHART_NAME, RESULTS_NAME, EvalOptions, run_eval
 
         methods = _pairs(method, "--method")

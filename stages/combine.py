@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from regmean_pipeline.atomic import check_folder_target, published_folder
-from regmean_pipeline.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest
+from regmean_pipeline.cache.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest
+from regmean_pipeline.cache.shards import combine_shards
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.shards import combine_shards
-from regmean_pipeline.storage import Folder
+from regmean_pipeline.io.atomic import check_folder_target, published_folder
+from regmean_pipeline.io.storage import Folder
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ themselves, or a merge's per-candidate export: merged body plus that task's own 
 
 With ``reuse_scores``, a model whose files, test data, settings and torch are those of a score in
 OUT's earlier results.json or in the candidate's finetune.json is not scored again (see
-regmean_pipeline.score_reuse); every score records its key either way."""
+regmean_pipeline.tasks.score_reuse); every score records its key either way."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ import transformers
 from tqdm.auto import tqdm
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import check_target, staged_directory
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.evaluate import accuracy
-from regmean_pipeline.hf_output import write_json
-from regmean_pipeline.models import resolve_device
-from regmean_pipeline.results import format_table, method_average, plot_accuracy
-from regmean_pipeline.score_reuse import ScoreBook, score_key
-from regmean_pipeline.tasks import load_task
+from regmean_pipeline.io.atomic import check_target, staged_directory
+from regmean_pipeline.io.model_folder import write_json
+from regmean_pipeline.measure.models import resolve_device
+from regmean_pipeline.tasks.evaluate import accuracy
+from regmean_pipeline.tasks.results import format_table, method_average, plot_accuracy
+from regmean_pipeline.tasks.score_reuse import ScoreBook, score_key
+from regmean_pipeline.tasks.task_folder import load_task
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,15 @@ from pathlib import Path
 import transformers
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import staged_directory
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.evaluate import accuracy
-from regmean_pipeline.finetune import FinetuneSettings, default_base_model, finetune, new_classifier
-from regmean_pipeline.hf_output import write_json
-from regmean_pipeline.models import resolve_device
-from regmean_pipeline.score_reuse import score_key
-from regmean_pipeline.tasks import load_task
-from regmean_pipeline.weights import fingerprint, open_weights, resolve_model_dir
+from regmean_pipeline.io.atomic import staged_directory
+from regmean_pipeline.io.model_folder import write_json
+from regmean_pipeline.io.weights import fingerprint, open_weights, resolve_model_dir
+from regmean_pipeline.measure.models import resolve_device
+from regmean_pipeline.tasks.evaluate import accuracy
+from regmean_pipeline.tasks.finetune import FinetuneSettings, default_base_model, finetune, new_classifier
+from regmean_pipeline.tasks.score_reuse import score_key
+from regmean_pipeline.tasks.task_folder import load_task
 
 log = logging.getLogger(__name__)
 

@@ -13,22 +13,22 @@ from pathlib import Path
 import torch
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import STAGING_MARK, check_target, output_lock, staged_directory
-from regmean_pipeline.baselines import DEFAULT_SCALING, PretrainedWeights, task_arithmetic
-from regmean_pipeline.cache import GramCache
+from regmean_pipeline.cache.manifest import MANIFEST_NAME
+from regmean_pipeline.cache.shards import open_sharded, shard_folders
+from regmean_pipeline.cache.store import GramCache
 from regmean_pipeline.distributed import Ranks, all_ok, broadcast_text, process_group, rank_device
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.executor import execute_merge
-from regmean_pipeline.hf_output import copy_model_files, parse_size, write_json
-from regmean_pipeline.manifest import MANIFEST_NAME
-from regmean_pipeline.models import parse_dtype, resolve_device
-from regmean_pipeline.layer_parallel import output_owners, split_plan
-from regmean_pipeline.per_candidate import export_per_candidate
-from regmean_pipeline.plan import DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
-from regmean_pipeline.safetensors_io import ShardedCheckpointWriter
-from regmean_pipeline.shards import open_sharded, shard_folders
-from regmean_pipeline.storage import Folder
-from regmean_pipeline.weights import open_weights, resolve_model_dir
+from regmean_pipeline.io.atomic import STAGING_MARK, check_target, output_lock, staged_directory
+from regmean_pipeline.io.model_folder import copy_model_files, parse_size, write_json
+from regmean_pipeline.io.safetensors_io import ShardedCheckpointWriter
+from regmean_pipeline.io.storage import Folder
+from regmean_pipeline.io.weights import open_weights, resolve_model_dir
+from regmean_pipeline.measure.models import parse_dtype, resolve_device
+from regmean_pipeline.merge.baselines import DEFAULT_SCALING, PretrainedWeights, task_arithmetic
+from regmean_pipeline.merge.executor import execute_merge
+from regmean_pipeline.merge.layer_parallel import output_owners, split_plan
+from regmean_pipeline.merge.per_candidate import export_per_candidate
+from regmean_pipeline.merge.plan import DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
 
 log = logging.getLogger(__name__)
 

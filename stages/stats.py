@@ -13,23 +13,32 @@ import torch
 from tqdm.auto import tqdm
 
 from regmean_pipeline import __version__
-from regmean_pipeline.atomic import check_folder_target, output_lock, published_folder
-from regmean_pipeline.cache import write_cache
-from regmean_pipeline.checkpoint import StatsCheckpoints
-from regmean_pipeline.data import DatasetSpec, examples_digest, load_examples, make_loader
-from regmean_pipeline.distributed import Ranks, process_group, rank_device, share, sum_gram_stats
+from regmean_pipeline.cache.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest, manifest_from_stats, read_manifest
+from regmean_pipeline.cache.shards import ShardSpec
+from regmean_pipeline.cache.store import write_cache
+from regmean_pipeline.distributed import Ranks, process_group, rank_device, share
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.gram import collect_grams
-from regmean_pipeline.gram_passes import collect_grams_in_passes
-from regmean_pipeline.hf_output import parse_size
-from regmean_pipeline.linear import find_linear_layers
-from regmean_pipeline.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest, manifest_from_stats, read_manifest
-from regmean_pipeline.models import (architecture_of, check_finite_parameters, config_summary, forward_inputs,
-                                     load_model, load_preprocessor, parse_dtype, resolve_device,
-                                     tied_parameter_names)
-from regmean_pipeline.shards import ShardSpec
-from regmean_pipeline.storage import Folder
-from regmean_pipeline.weights import fingerprint, open_weights, resolve_model_dir
+from regmean_pipeline.io.atomic import check_folder_target, output_lock, published_folder
+from regmean_pipeline.io.model_folder import parse_size
+from regmean_pipeline.io.storage import Folder
+from regmean_pipeline.io.weights import fingerprint, open_weights, resolve_model_dir
+from regmean_pipeline.measure.checkpoint import StatsCheckpoints
+from regmean_pipeline.measure.data import DatasetSpec, examples_digest, load_examples, make_loader
+from regmean_pipeline.measure.gram import collect_grams
+from regmean_pipeline.measure.linear import find_linear_layers
+from regmean_pipeline.measure.models import (
+    architecture_of,
+    check_finite_parameters,
+    config_summary,
+    forward_inputs,
+    load_model,
+    load_preprocessor,
+    parse_dtype,
+    resolve_device,
+    tied_parameter_names,
+)
+from regmean_pipeline.measure.passes import collect_grams_in_passes
+from regmean_pipeline.measure.ranks import sum_gram_stats
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from regmean_pipeline.cache import write_cache  # noqa: E402
-from regmean_pipeline.distributed import process_group, share, sum_gram_stats  # noqa: E402
-from regmean_pipeline.gram import collect_grams  # noqa: E402
-from regmean_pipeline.manifest import manifest_from_stats  # noqa: E402
-from regmean_pipeline.models import load_model, load_preprocessor  # noqa: E402
+from regmean_pipeline.cache.manifest import manifest_from_stats  # noqa: E402
+from regmean_pipeline.cache.store import write_cache  # noqa: E402
+from regmean_pipeline.distributed import process_group, share  # noqa: E402
+from regmean_pipeline.io.weights import fingerprint, open_weights  # noqa: E402
+from regmean_pipeline.measure.gram import collect_grams  # noqa: E402
+from regmean_pipeline.measure.models import load_model, load_preprocessor  # noqa: E402
+from regmean_pipeline.measure.ranks import sum_gram_stats  # noqa: E402
 from regmean_pipeline.testing import WORDS, make_model, save_model  # noqa: E402
-from regmean_pipeline.weights import fingerprint, open_weights  # noqa: E402
 
 GPU = "cuda:0" if torch.cuda.is_available() else "cpu"
 

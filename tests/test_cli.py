@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import transformers
 import yaml
 
-from regmean_pipeline.cache import gram_checksum
+from regmean_pipeline.cache.store import gram_checksum
 from tests.conftest import read_json
 
 REGMEAN = str(Path(sys.executable).with_name("regmean"))

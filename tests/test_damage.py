@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from regmean_pipeline.cache import GramCache, gram_checksum
+from regmean_pipeline.cache.store import gram_checksum
 from regmean_pipeline.errors import RegMeanError
 from tests import faults
 from tests.conftest import read_every_gram as read_all

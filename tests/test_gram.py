@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.gram import GramAccumulator, collect_grams
+from regmean_pipeline.measure.gram import GramAccumulator, collect_grams
 from regmean_pipeline.testing import make_model, make_tokenizer
 from tests.reference import capture_grams, linear_modules
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from regmean_pipeline.cache import GramCache
-from regmean_pipeline.checkpoint import checkpoint_folder
+from regmean_pipeline.cache.store import GramCache
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.measure.checkpoint import checkpoint_folder
 from stages.merge import discover_caches
 from tests import faults, processes
 from tests.test_cli import REGMEAN
@@ -277,7 +277,7 @@ def test_console_script_kill_and_resume(workspace, tmp_path):
 def test_an_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path):
     """Where the OS cannot exchange two folders atomically, publishing moves the old output aside first;
     a kill right then leaves it in .NAME.old-*/previous, and the next run on that output restores it."""
-    from regmean_pipeline.atomic import output_lock
+    from regmean_pipeline.io.atomic import output_lock
 
     target = tmp_path / "merged"
     (tmp_path / ".merged.old-x1y2" / "previous").mkdir(parents=True)

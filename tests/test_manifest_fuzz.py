@@ -10,8 +10,8 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from regmean_pipeline.cache.manifest import MAX_DIM, Manifest, parse_manifest, read_manifest
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.manifest import MAX_DIM, Manifest, parse_manifest, read_manifest
 
 VALID = {
     "format": "regmean-stats", "version": 1,

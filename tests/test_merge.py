@@ -10,7 +10,6 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from regmean_pipeline.testing import make_tokenizer
 from tests.conftest import read_json
 from tests.reference import capture_grams, regmean_reference, relative_error
 
@@ -103,7 +102,7 @@ def test_identities_copies_single_and_diagonal_average(workspace, cli, tmp_path)
     # a = 0: each input feature's weights are averaged with weights proportional to its mean square.
     pair = make_caches(cli, tmp_path, bert, tasks[:2], "--accumulate-dtype", "float64", name="pair")
     state = merged_state(merge(cli, pair, tmp_path / "diag", "--reduce-non-diagonal-ratio", 0, "--solve-dtype", "float64"))
-    from regmean_pipeline.cache import GramCache
+    from regmean_pipeline.cache.store import GramCache
 
     caches = [GramCache(pair / "c0"), GramCache(pair / "c1")]
     weights = [load(m).state_dict() for m in bert]
@@ -167,7 +166,7 @@ def test_coefficients_and_token_weighting(workspace, cli, tmp_path):
     expected = (3 * states[0]["bert.embeddings.LayerNorm.weight"] + states[1]["bert.embeddings.LayerNorm.weight"]) / 4
     assert torch.allclose(state["bert.embeddings.LayerNorm.weight"], expected, rtol=1e-6)
     # A coefficient c scales a candidate's Gram: equivalent to `tokens` weighting when c = tokens share.
-    from regmean_pipeline.cache import GramCache
+    from regmean_pipeline.cache.store import GramCache
 
     key = "bert.encoder.layer.0.attention.self.query"
     t0, t1 = (GramCache(caches / c).manifest.grams[key].tokens for c in ("c0", "c1"))

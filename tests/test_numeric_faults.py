@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from regmean_pipeline.cache import GramCache
+from regmean_pipeline.cache.store import GramCache
 from regmean_pipeline.testing import make_model, save_model
 from tests import faults
 from tests.conftest import read_json
@@ -162,7 +162,7 @@ def test_gram_with_nan_or_inf_is_refused_by_merge(value, bert_caches, workspace,
     import numpy as np
     import zarr
 
-    from regmean_pipeline.cache import gram_checksum
+    from regmean_pipeline.cache.store import gram_checksum
 
     cache = tmp_path / "caches" / "a"
     shutil.copytree(bert_caches["zarr"], cache)

@@ -10,15 +10,21 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from regmean_pipeline.data import DatasetSpec, load_examples, make_loader
-from regmean_pipeline.executor import prefetch
-from regmean_pipeline.gram import collect_grams
-from regmean_pipeline.safetensors_io import SafetensorsReader
-from regmean_pipeline.solve import solve_batch
-from regmean_pipeline.symmetric import (accumulate_upper_, mirror_upper_, pack_upper, unpack_upper, upper_blocks,
-                                        upper_product_flops)
+from regmean_pipeline.cache.symmetric import (
+    accumulate_upper_,
+    mirror_upper_,
+    pack_upper,
+    unpack_upper,
+    upper_blocks,
+    upper_product_flops,
+)
+from regmean_pipeline.io.safetensors_io import SafetensorsReader
+from regmean_pipeline.io.weights import SafetensorsCheckpoint
+from regmean_pipeline.measure.data import DatasetSpec, load_examples, make_loader
+from regmean_pipeline.measure.gram import collect_grams
+from regmean_pipeline.merge.executor import prefetch
+from regmean_pipeline.merge.solve import solve_batch
 from regmean_pipeline.testing import make_model, make_tokenizer, write_text_task
-from regmean_pipeline.weights import SafetensorsCheckpoint
 from tests.conftest import read_json
 from tests.reference import capture_grams, relative_error
 from tests.test_merge import make_caches, merge, merged_state, reference_for

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from regmean_pipeline.cache import GramCache
+from regmean_pipeline.cache.store import GramCache
 from regmean_pipeline.sizing import estimate, human
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from regmean_pipeline.cache import GramCache
+from regmean_pipeline.cache.store import GramCache
 
 BUCKET = "regmean-test"
 
@@ -99,7 +99,7 @@ def test_shards_on_s3_combine_there(s3, workspace, cli, tmp_path):
 
 
 def test_a_failed_write_leaves_nothing_a_merge_accepts(s3, workspace, cli, tmp_path, monkeypatch):
-    import regmean_pipeline.cache as cache_module
+    import regmean_pipeline.cache.store as cache_module
 
     stats(cli, workspace, f"s3://{BUCKET}/fail/a", 1)
     code, _, err = cli("stats", "--model", workspace.model("bert", 1), "--dataset", workspace.text_task(1),

@@ -16,7 +16,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from regmean_pipeline.cache import GramCache
+from regmean_pipeline.cache.store import GramCache
 from stages.stats import StatsOptions, run_stats
 from tests.conftest import read_json
 from tests.test_cli import REGMEAN
@@ -139,7 +139,7 @@ def test_missing_duplicate_and_mismatched_shards_are_named(workspace, cli, tmp_p
 
 def test_gram_memory_budget_splits_into_passes_with_the_same_cache(workspace, single, cli, tmp_path, caplog):
     # tiny BERT: 4 KiB Grams for the 32-wide inputs, 16 KiB for the 64-wide ones, 64 KiB in all
-    with caplog.at_level(logging.INFO, logger="regmean_pipeline.gram_passes"):
+    with caplog.at_level(logging.INFO, logger="regmean_pipeline.measure.passes"):
         run_stats(StatsOptions(model=str(workspace.model("bert", 1)), dataset=str(workspace.text_task(1, n=30)),
                                out=str(tmp_path / "a"), num_examples=24, batch_size=5, device="cpu",
                                format="safetensors", progress=False, max_gram_memory="20KiB"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.evaluate import accuracy, predict
-from regmean_pipeline.tasks import discover_tasks, load_task
+from regmean_pipeline.tasks.evaluate import accuracy, predict
+from regmean_pipeline.tasks.task_folder import discover_tasks, load_task
 from regmean_pipeline.testing import make_model, make_tokenizer, write_classification_task
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "sentcls"

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from regmean_pipeline.cache import GramCache
+from regmean_pipeline.cache.manifest import MAX_DIM
+from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.manifest import MAX_DIM
-from regmean_pipeline.symmetric import packed_length
-from regmean_pipeline.weights import SafetensorsCheckpoint
+from regmean_pipeline.io.weights import SafetensorsCheckpoint
 from tests import faults, processes
 from tests.conftest import read_every_gram as read_all
 

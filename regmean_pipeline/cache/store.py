@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import RegMeanError
-from .manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
-from .paths import inside
-from .safetensors_io import DTYPE_NAMES, SafetensorsFileWriter, SafetensorsReader, TensorSpec
-from .storage import Folder
-from .symmetric import pack_upper, packed_length, unpack_upper
+from regmean_pipeline.cache.manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
+from regmean_pipeline.cache.symmetric import pack_upper, packed_length, unpack_upper
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.paths import inside
+from regmean_pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsFileWriter, SafetensorsReader, TensorSpec
+from regmean_pipeline.io.storage import Folder
 
 log = logging.getLogger(__name__)
 

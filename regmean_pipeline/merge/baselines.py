@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import RegMeanError
-from .plan import Candidate
-from .weights import WeightSource
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.weights import WeightSource
+from regmean_pipeline.merge.plan import Candidate
 
 DEFAULT_SCALING = 0.3  # FusionBench's task-arithmetic default
 

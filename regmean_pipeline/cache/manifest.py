@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RegMeanError
-from .storage import Folder
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.storage import Folder
 
 FORMAT = "regmean-stats"
 VERSION = 1

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .cache import GramCache, write_packed_cache
-from .errors import RegMeanError
-from .manifest import MANIFEST_NAME, Manifest
-from .storage import Folder
+from regmean_pipeline.cache.manifest import MANIFEST_NAME, Manifest
+from regmean_pipeline.cache.store import GramCache, write_packed_cache
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.storage import Folder
 
 log = logging.getLogger(__name__)
 

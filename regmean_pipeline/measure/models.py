@@ -11,7 +11,7 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
-from .errors import RegMeanError
+from regmean_pipeline.errors import RegMeanError
 
 log = logging.getLogger(__name__)
 

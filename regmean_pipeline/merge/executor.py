@@ -18,11 +18,11 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from .linear import weight_from_in_out, weight_in_out
-from .plan import Candidate, MergePlan, MergeSettings, SolveBatch
-from .solve import reduce_off_diagonal_, solve_batch
-from .symmetric import packed_length, unpack_upper
-from .weights import WeightSource
+from regmean_pipeline.cache.symmetric import packed_length, unpack_upper
+from regmean_pipeline.io.weights import WeightSource
+from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
+from regmean_pipeline.merge.plan import Candidate, MergePlan, MergeSettings, SolveBatch
+from regmean_pipeline.merge.solve import reduce_off_diagonal_, solve_batch
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .errors import RegMeanError
+from regmean_pipeline.errors import RegMeanError
 
 
 def inside(folder: Path, name: str, where: str) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .plan import MergePlan, SolveBatch
+from regmean_pipeline.merge.plan import MergePlan, SolveBatch
 
 
 def solve_cost(batch: SolveBatch) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import RegMeanError
+from regmean_pipeline.errors import RegMeanError
 
 log = logging.getLogger(__name__)
 

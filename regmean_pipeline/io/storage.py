@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from .errors import RegMeanError
+from regmean_pipeline.errors import RegMeanError
 
 
 def _is_url(text: str) -> bool:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .hf_output import copy_model_files
-from .plan import Candidate
-from .safetensors_io import ShardedCheckpointWriter, TensorSpec
-from .weights import WeightSource
+from regmean_pipeline.io.model_folder import copy_model_files
+from regmean_pipeline.io.safetensors_io import ShardedCheckpointWriter, TensorSpec
+from regmean_pipeline.io.weights import WeightSource
+from regmean_pipeline.merge.plan import Candidate
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import staged_directory
-from .cache import GramCache, write_cache
-from .errors import RegMeanError
-from .gram import GramStats
-from .linear import LinearLayer
-from .manifest import CHECKPOINT_FIELD, Manifest
+from regmean_pipeline.cache.manifest import CHECKPOINT_FIELD, Manifest
+from regmean_pipeline.cache.store import GramCache, write_cache
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.atomic import staged_directory
+from regmean_pipeline.measure.gram import GramStats
+from regmean_pipeline.measure.linear import LinearLayer
 
 log = logging.getLogger(__name__)
 

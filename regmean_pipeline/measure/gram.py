@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import RegMeanError
-from .linear import LinearLayer, find_linear_layers
-from .symmetric import accumulate_upper_, mirror_upper_
+from regmean_pipeline.cache.symmetric import accumulate_upper_, mirror_upper_
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-from .errors import RegMeanError
-from .paths import inside
-from .safetensors_io import DTYPE_NAMES, SafetensorsReader
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.paths import inside
+from regmean_pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsReader
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import filelock
 
-from .errors import RegMeanError
-from .storage import Folder
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.storage import Folder
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .errors import RegMeanError
-from .gram import GramAccumulator, GramStats, batch_size_of, collect_grams
-from .linear import LinearLayer, find_linear_layers
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.measure.gram import GramAccumulator, GramStats, batch_size_of, collect_grams
+from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .errors import RegMeanError
-from .tasks import ClassificationTask
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.tasks.task_folder import ClassificationTask
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RegMeanError
+from regmean_pipeline.errors import RegMeanError
 
 SPLITS = ("train", "test")
 LABELS_FILE = "labels.json"

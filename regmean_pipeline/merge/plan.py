@@ -16,10 +16,10 @@ from typing import Protocol
 
 import torch
 
-from .errors import RegMeanError
-from .manifest import LayerEntry, Manifest
-from .safetensors_io import TensorSpec
-from .weights import WeightSource, fingerprint
+from regmean_pipeline.cache.manifest import LayerEntry, Manifest
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.safetensors_io import TensorSpec
+from regmean_pipeline.io.weights import WeightSource, fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Merging: validate and plan, then stream batches of RegMean systems through the solver; baselines and exports."""
