@@ -18,11 +18,11 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from regmean_pipeline.cache.symmetric import packed_length, unpack_upper
+from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
 from regmean_pipeline.merge.plan import Candidate, MergePlan, MergeSettings, SolveBatch
-from regmean_pipeline.merge.solve import reduce_off_diagonal_, solve_batch
+from regmean_pipeline.merge.systems import SystemSums
 
 log = logging.getLogger(__name__)
 
@@ -107,40 +107,22 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     work = [(batch, candidate) for batch in plan.batches for candidate in candidates]
     pin = torch.device(device).type == "cuda"
     wait_started = time.perf_counter()
-    matrix = grams = rhs = anchor = target = None
-    noise = 0.0
+    sums = None
     for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item, pin)):
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
-        # The Grams' own precision: the solver treats conditions beyond it as singular.
-        precision = torch.finfo(packed.dtype).eps
-        noise = precision if candidate is first else max(noise, precision)
+        scales = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
+                              dtype=torch.float64)
         if candidate is first:
-            # Two (B, d, d) buffers per batch: the running sum, and each candidate's Gram (then the factor).
-            matrix = torch.empty(len(batch.groups), batch.dim, batch.dim, dtype=dtype, device=device)
-            grams = torch.empty_like(matrix)
-        into = matrix if candidate is first else grams
-        unpack_upper(packed.to(device, non_blocking=True), batch.dim, out=into)
-        scale = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
-                             dtype=dtype, device=device)
-        into.mul_(scale.view(-1, 1, 1))
-        reduce_off_diagonal_(into, settings.reduce_non_diagonal_ratio)
-        stacked = weights.to(device, dtype, non_blocking=True)
-        del packed, weights
-        if candidate is first:
-            # The first candidate anchors the solve: the others enter as differences from it.
-            anchor = stacked
-            rhs = torch.zeros_like(anchor)
-            target = torch.zeros_like(anchor)
+            sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=dtype, device=device,
+                              reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio)
+            sums.set_anchor(weights)
+            sums.add(packed, scales)
         else:
-            matrix += grams
-            delta = stacked.sub_(anchor)
-            rhs.baddbmm_(grams, delta)
-            target.add_(delta, alpha=candidate.coefficient / coefficient_sum)
-            del delta
-        del stacked
+            sums.add(packed, scales, weights, candidate.coefficient / coefficient_sum)
+        del packed, weights
         if candidate is candidates[-1]:
-            result = solve_batch(matrix, rhs, anchor, target, noise=noise, workspace=grams)
+            result = sums.solve()
             for i, group in enumerate(batch.groups):
                 offset = 0
                 for name, layer in group.layers:
@@ -155,7 +137,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
                     if result.rank[i] is not None:
                         report_layers[name]["rank"] = result.rank[i]
             systems.update(len(batch.groups))
-            matrix = grams = rhs = anchor = target = result = None
+            sums = result = None
         timings["solve"] += time.perf_counter() - solve_started
         wait_started = time.perf_counter()
     systems.close()
