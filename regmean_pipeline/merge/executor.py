@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
-from regmean_pipeline.merge.plan import Candidate, MergePlan, MergeSettings, SolveBatch
+from regmean_pipeline.merge.plan import Candidate, GramSource, MergePlan, MergeSettings, SolveBatch
+from regmean_pipeline.merge.solve import SolveResult
 from regmean_pipeline.merge.systems import SystemSums
 
 log = logging.getLogger(__name__)
@@ -71,23 +72,58 @@ def prefetch(items: Iterable[T], load: Callable[[T], R], ahead: int = 1) -> Iter
                 thread.join(0.05)
 
 
-def _load(batch: SolveBatch, candidate: Candidate, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One candidate's share of a batch, stacked: packed Grams (B, d(d+1)/2) and weights (B, d, width),
-    each weight transposed to (in, out) and the weights of layers sharing a Gram side by side."""
-    grams = weights = None
+def stack_packed_grams(batch: SolveBatch, grams: GramSource, pin: bool = False) -> torch.Tensor:
+    """One candidate's packed Gram sums of a batch, stacked: (B, d(d+1)/2)."""
+    stacked = None
     for i, group in enumerate(batch.groups):
-        packed = torch.as_tensor(candidate.grams.read_packed(group.key))
-        if grams is None:
-            grams = torch.empty(len(batch.groups), packed_length(batch.dim), dtype=packed.dtype, pin_memory=pin)
-        grams[i].copy_(packed)
+        packed = torch.as_tensor(grams.read_packed(group.key))
+        if stacked is None:
+            stacked = torch.empty(len(batch.groups), packed_length(batch.dim), dtype=packed.dtype, pin_memory=pin)
+        stacked[i].copy_(packed)
+    return stacked
+
+
+def stack_weights(batch: SolveBatch, weights: WeightSource, pin: bool = False) -> torch.Tensor:
+    """One candidate's weights of a batch, stacked: (B, d, width), each transposed to (in, out) and the
+    weights of layers sharing a Gram side by side (the right-hand sides of the systems)."""
+    stacked = None
+    for i, group in enumerate(batch.groups):
         offset = 0
         for _, layer in group.layers:
-            weight = weight_in_out(candidate.weights.get(layer.weight), layer.transposed)
-            if weights is None:
-                weights = torch.empty(len(batch.groups), batch.dim, batch.width, dtype=weight.dtype, pin_memory=pin)
-            weights[i, :, offset:offset + layer.out_features].copy_(weight)
+            weight = weight_in_out(weights.get(layer.weight), layer.transposed)
+            if stacked is None:
+                stacked = torch.empty(len(batch.groups), batch.dim, batch.width, dtype=weight.dtype, pin_memory=pin)
+            stacked[i, :, offset:offset + layer.out_features].copy_(weight)
             offset += layer.out_features
-    return grams, weights
+    return stacked
+
+
+def _load(batch: SolveBatch, candidate: Candidate, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return stack_packed_grams(batch, candidate.grams, pin), stack_weights(batch, candidate.weights, pin)
+
+
+def emit_solved(batch: SolveBatch, solution: torch.Tensor, dtype_of: Callable[[str], torch.dtype],
+                sink: Sink) -> None:
+    """Each layer's merged weight, cut from the batch's (B, d, width) solution, in its stored orientation
+    and dtype (``dtype_of(weight name)``)."""
+    for i, group in enumerate(batch.groups):
+        offset = 0
+        for _, layer in group.layers:
+            columns = solution[i, :, offset:offset + layer.out_features]
+            offset += layer.out_features
+            sink(layer.weight, weight_from_in_out(columns, layer.transposed).to("cpu", dtype_of(layer.weight)))
+
+
+def solve_report(batch: SolveBatch, result: SolveResult) -> dict[str, dict]:
+    """The report's entry of every layer of the batch: its Gram, solver, condition and residual."""
+    entries = {}
+    for i, group in enumerate(batch.groups):
+        for name, layer in group.layers:
+            entries[name] = {"weight": layer.weight, "gram": group.key, "solver": result.solver[i],
+                             "condition_estimate": result.condition[i], "residual": result.residual[i]}
+            if result.rank[i] is not None:
+                entries[name]["rank"] = result.rank[i]
+    return entries
 
 
 def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeSettings, sink: Sink, *,
@@ -123,19 +159,8 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
         del packed, weights
         if candidate is candidates[-1]:
             result = sums.solve()
-            for i, group in enumerate(batch.groups):
-                offset = 0
-                for name, layer in group.layers:
-                    columns = result.solution[i, :, offset:offset + layer.out_features]
-                    offset += layer.out_features
-                    out_dtype = first.weights.dtype(layer.weight)
-                    sink(layer.weight, weight_from_in_out(columns, layer.transposed).to("cpu", out_dtype))
-                    report_layers[name] = {
-                        "weight": layer.weight, "gram": group.key, "solver": result.solver[i],
-                        "condition_estimate": result.condition[i], "residual": result.residual[i],
-                    }
-                    if result.rank[i] is not None:
-                        report_layers[name]["rank"] = result.rank[i]
+            emit_solved(batch, result.solution, first.weights.dtype, sink)
+            report_layers.update(solve_report(batch, result))
             systems.update(len(batch.groups))
             sums = result = None
         timings["solve"] += time.perf_counter() - solve_started
