@@ -30,6 +30,7 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "gram_weighting": ((str,), "gram_weighting"),
     "format": ((str,), "format"),
     "device": ((str,), "device"),
+    "method": ((str,), "method"),
 }
 IGNORED = {"_target_", "name", "_recursive_"}
 
@@ -61,6 +62,9 @@ def parse_config(data: Any, where: str) -> dict[str, Any]:
             continue
         data.setdefault(key, value)
     options: dict[str, Any] = {}
+    target = data.get("_target_")
+    if isinstance(target, str) and target.endswith("PlusPlus"):  # FusionBench's RegMeanAlgorithm...PlusPlus
+        options["method"] = "regmean++"
     for key, value in data.items():
         if key in IGNORED:
             continue

@@ -84,6 +84,14 @@ def _pairs(values: list[str] | None, flag: str, convert=str) -> dict:
     return pairs
 
 
+def _given(**options):
+    """The options given on the command line (or by the config), so that the others keep their defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+PLUSPLUS = "RegMean++ (--method regmean++)"
+
+
 @app.command()
 def stats(
     model: Annotated[str, typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures).")],
@@ -168,15 +176,37 @@ def merge(
     batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems.")] = "1GiB",
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
-    method: Annotated[str, typer.Option(help="regmean, or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices).")] = "regmean",
+    method: Annotated[Optional[str], typer.Option(help="regmean; regmean++ (block by block on the merged model's own activations: --model NAME=PATH --dataset NAME=PATH, no caches); or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices) [default: regmean].")] = None,
     scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) [default: 0.3].")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Task arithmetic: the model the candidates were fine-tuned from.")] = None,
     per_candidate: Annotated[bool, typer.Option(help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer.")] = False,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="regmean++: NAME=PATH, candidate NAME's examples (repeatable; one per --model). The data options below are regmean stats' own.", rich_help_panel=PLUSPLUS)] = None,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split [default: train].", rich_help_panel=PLUSPLUS)] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).", rich_help_panel=PLUSPLUS)] = None,
+    text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column, for sentence-pair tasks.", rich_help_panel=PLUSPLUS)] = None,
+    image_column: Annotated[Optional[str], typer.Option(help="Column with images (vision towers).", rich_help_panel=PLUSPLUS)] = None,
+    num_examples: Annotated[Optional[int], typer.Option(help="Examples per candidate, after a seeded shuffle [default: 256].", rich_help_panel=PLUSPLUS)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed [default: 0].", rich_help_panel=PLUSPLUS)] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens [default: the model's limit].", rich_help_panel=PLUSPLUS)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward passes [default: 32].", rich_help_panel=PLUSPLUS)] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0].", rich_help_panel=PLUSPLUS)] = None,
+    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions [default: exclude].", rich_help_panel=PLUSPLUS)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Forward-pass dtype of the blocks and hidden states: float32, bfloat16, float16, float64 [default: float32].", rich_help_panel=PLUSPLUS)] = None,
+    accumulate_dtype: Annotated[Optional[str], typer.Option(help="Gram accumulation dtype: float32 or float64 [default: float32].", rich_help_panel=PLUSPLUS)] = None,
+    activation_memory: Annotated[Optional[str], typer.Option(help="Memory for all candidates' hidden states (on the GPU while it has room, else host memory); the rest is spilled to disk [default: 4GiB].", rich_help_panel=PLUSPLUS)] = None,
+    spill_dir: Annotated[Optional[str], typer.Option(help="Local folder for spilled hidden states [default: the system's temporary folder].", rich_help_panel=PLUSPLUS)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint the merged blocks every N blocks (beside OUT, in .OUT.checkpoint/); 0: never.", rich_help_panel=PLUSPLUS)] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the checkpoint a killed regmean++ run left (same inputs and options).", rich_help_panel=PLUSPLUS)] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow the model folders' own Python code to run.", rich_help_panel=PLUSPLUS)] = None,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder."""
+    """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder.
+
+    `--method regmean++` measures and merges block by block in one run instead: each candidate is given
+    as --model NAME=PATH --dataset NAME=PATH, and no caches are read.
+    """
     _setup_logging(quiet, debug)
 
     def action():
@@ -184,16 +214,26 @@ def merge(
         from stages.merge import MergeOptions, run_merge
 
         cfg = load_config(config)
+        chosen = pick(method, cfg, "method", "regmean")
         run_merge(MergeOptions(
-            out=out, cache_dir=pick(cache_dir, cfg, "cache_dir", None), caches=list(cache or []),
+            out=out, cache_dir=cache_dir if chosen == "regmean++" else pick(cache_dir, cfg, "cache_dir", None),
+            caches=list(cache or []),
             models=_pairs(model, "--model"), coefficients=_pairs(coefficient, "--coefficient", float), base=base,
             exclude=pick(exclude or None, cfg, "exclude", []),
             reduce_non_diagonal_ratio=float(pick(reduce_non_diagonal_ratio, cfg, "reduce_non_diagonal_ratio", 0.95)),
             gram_weighting=pick(gram_weighting, cfg, "gram_weighting", "equal"),
             solve_dtype=pick(solve_dtype, cfg, "solve_dtype", "float32"), device=pick(device, cfg, "device", "auto"),
             max_shard_size=max_shard_size, batch_memory=batch_memory, allow_pickle=allow_pickle,
-            overwrite=overwrite, progress=not quiet, method=method, scaling=scaling, pretrained=pretrained,
+            overwrite=overwrite, progress=not quiet, method=chosen, scaling=scaling, pretrained=pretrained,
             per_candidate=per_candidate,
+            **_given(datasets=_pairs(dataset, "--dataset") or None, split=split, text_column=text_column,
+                     text_pair_column=text_pair_column, image_column=image_column,
+                     num_examples=pick(num_examples, cfg, "num_examples", None) if chosen == "regmean++" else num_examples,
+                     seed=seed, max_length=max_length,
+                     batch_size=pick(batch_size, cfg, "batch_size", None) if chosen == "regmean++" else batch_size,
+                     num_workers=num_workers, include_padding=include_padding, dtype=dtype,
+                     accumulate_dtype=accumulate_dtype, activation_memory=activation_memory, spill_dir=spill_dir,
+                     checkpoint_every=checkpoint_every, resume=resume, trust_remote_code=trust_remote_code),
         ))
 
     _run(action, debug=debug)

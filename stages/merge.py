@@ -28,7 +28,7 @@ from regmean_pipeline.merge.baselines import DEFAULT_SCALING, PretrainedWeights,
 from regmean_pipeline.merge.executor import execute_merge
 from regmean_pipeline.merge.layer_parallel import output_owners, split_plan
 from regmean_pipeline.merge.per_candidate import export_per_candidate
-from regmean_pipeline.merge.plan import DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
+from regmean_pipeline.merge.plan import BLOCKWISE, DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,25 @@ class MergeOptions:
     scaling: float | None = None  # task arithmetic's lambda (default DEFAULT_SCALING)
     pretrained: str | None = None  # task arithmetic's starting point
     per_candidate: bool = False
+    # --method regmean++ only: each candidate's examples (stats' data options) and the run's resources.
+    datasets: dict[str, str] = field(default_factory=dict)
+    split: str = "train"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    image_column: str | None = None
+    num_examples: int = 256
+    seed: int = 0
+    max_length: int | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    include_padding: bool = False
+    dtype: str = "float32"
+    accumulate_dtype: str = "float32"
+    activation_memory: str = "4GiB"
+    spill_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    trust_remote_code: bool = False
 
 
 def discover_caches(cache_dir: str | None, caches: list[str]) -> list[Folder]:
@@ -126,6 +145,11 @@ def run_merge(options: MergeOptions) -> dict:
 
     The publishing process holds OUT's lock throughout, so a second run on the same OUT stops at once.
     """
+    if options.method == BLOCKWISE:
+        from stages.plusplus import run_plusplus
+
+        return run_plusplus(options)
+    check_blockwise_options(options)
     with process_group() as ranks:
         with output_lock(Path(options.out)) if ranks.is_main else contextlib.nullcontext():
             return _run_merge(options, ranks)
@@ -217,6 +241,21 @@ def gather_rank_results(stage: Path, world: int) -> dict:
         for key, value in part["timings"].items():
             timings[key] = max(timings.get(key, 0.0), value)  # the slowest rank sets the pace
     return {"layers": layers, "timings": {**timings, "per_rank": per_rank}}
+
+
+BLOCKWISE_ONLY = ("datasets", "split", "text_column", "text_pair_column", "image_column", "num_examples", "seed",
+                  "max_length", "batch_size", "num_workers", "include_padding", "dtype", "accumulate_dtype",
+                  "activation_memory", "spill_dir", "checkpoint_every", "resume", "trust_remote_code")
+
+
+def check_blockwise_options(options: MergeOptions) -> None:
+    """Data options mean nothing to a merge of caches: given anyway, they are an error, not ignored."""
+    defaults = MergeOptions(out="")
+    for name in BLOCKWISE_ONLY:
+        if getattr(options, name) != getattr(defaults, name):
+            flag = "--dataset" if name == "datasets" else "--" + name.replace("_", "-")
+            raise RegMeanError(f"{flag}: only --method {BLOCKWISE} reads data while merging (not {options.method}); "
+                               "`regmean stats` takes the data options for the other methods")
 
 
 def check_method_options(options: MergeOptions) -> None:

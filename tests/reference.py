@@ -50,28 +50,66 @@ def regmean_reference(models: list[nn.Module], captured: list[dict], ratio: floa
 
     states = [{k: v.detach().double().numpy() for k, v in m.state_dict().items()} for m in models]
     modules = linear_modules(models[0])
-    merged = {}
-    for name in states[0]:
-        if any(re.match(p, name) for p in exclude):
-            merged[name] = states[0][name]
-            continue
-        module_name = name[: -len(".weight")] if name.endswith(".weight") else None
-        if module_name in modules and module_name in captured[0]["grams"]:
-            transposed = isinstance(modules[module_name], Conv1D)
-            total_gram, total_rhs = 0, 0
-            for state, cap in zip(states, captured):
-                g = cap["grams"][module_name] / cap["rows"][module_name]
-                g = ratio * g + (1 - ratio) * np.diag(np.diag(g))
-                w_t = state[name] if transposed else state[name].T
-                total_gram = total_gram + g
-                total_rhs = total_rhs + g @ w_t
-            solution = np.linalg.solve(total_gram, total_rhs)
-            merged[name] = solution if transposed else solution.T
-        else:
-            merged[name] = np.mean([s[name] for s in states], axis=0)
-    return merged
+    return {name: _solve_or_mean(name, states, captured, modules, ratio,
+                                 lambda n: any(re.match(p, n) for p in exclude)) for name in states[0]}
 
 
 def relative_error(actual: torch.Tensor | np.ndarray, expected: np.ndarray) -> float:
     actual = actual.detach().double().numpy() if isinstance(actual, torch.Tensor) else actual
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+def _solve_or_mean(name, states, captured, modules, ratio, excluded):
+    """One parameter of a unit: RegMean for a linear weight whose input was captured, else the mean."""
+    if excluded(name):
+        return states[0][name]
+    module_name = name[: -len(".weight")] if name.endswith(".weight") else None
+    if module_name in modules and all(module_name in cap["grams"] for cap in captured):
+        transposed = isinstance(modules[module_name], Conv1D)
+        total_gram, total_rhs = 0, 0
+        for state, cap in zip(states, captured):
+            g = cap["grams"][module_name] / cap["rows"][module_name]
+            g = ratio * g + (1 - ratio) * np.diag(np.diag(g))
+            w_t = state[name] if transposed else state[name].T
+            total_gram = total_gram + g
+            total_rhs = total_rhs + g @ w_t
+        solution = np.linalg.solve(total_gram, total_rhs)
+        return solution if transposed else solution.T
+    return np.mean([s[name] for s in states], axis=0)
+
+
+def regmean_plusplus_reference(models: list[nn.Module], examples: list[list[dict]], ratio: float, *, stack: str,
+                               prefix: tuple[str, ...], exclude: tuple[str, ...] = (),
+                               storage: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    """Float64 RegMean++ (Nguyen et al.), from its definition: the prefix (parameters named by ``prefix``)
+    is averaged; then for each block of ``stack``, and last for the tail, each candidate's Grams of that
+    unit are captured in a copy of the candidate whose prefix and earlier blocks hold the merged weights
+    so far (as they are saved: rounded to ``storage``), one example at a time; the unit is then solved
+    like ``regmean_reference`` solves a layer."""
+    import re
+
+    def excluded(name):
+        return any(re.match(p, name) for p in exclude)
+
+    states = [{k: v.detach().double().numpy() for k, v in m.state_dict().items()} for m in models]
+    blocks = len(models[0].get_submodule(stack))
+    modules = linear_modules(models[0])
+
+    def unit_of(name: str) -> int:
+        if name.startswith(stack + "."):
+            return int(name[len(stack) + 1:].split(".")[0])
+        return -1 if name.startswith(prefix) else blocks
+
+    merged: dict[str, np.ndarray] = {}
+    for unit in range(-1, blocks + 1):
+        names = [name for name in states[0] if unit_of(name) == unit]
+        captured = []
+        if unit >= 0:
+            for model, cand_examples in zip(models, examples):
+                hybrid = copy.deepcopy(model).double()
+                so_far = {k: torch.from_numpy(v).to(storage).double() for k, v in merged.items()}
+                hybrid.load_state_dict(so_far, strict=False)
+                captured.append(capture_grams(hybrid, cand_examples))
+        for name in names:
+            merged[name] = _solve_or_mean(name, states, captured, modules, ratio, excluded)
+    return merged

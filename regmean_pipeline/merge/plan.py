@@ -24,8 +24,9 @@ from regmean_pipeline.io.weights import WeightSource, fingerprint
 log = logging.getLogger(__name__)
 
 GRAM_WEIGHTINGS = ("equal", "tokens")
-METHODS = ("regmean", "average", "task-arithmetic")
+METHODS = ("regmean", "regmean++", "average", "task-arithmetic")
 DATALESS = ("average", "task-arithmetic")  # baselines that need no Grams (baselines.py)
+BLOCKWISE = "regmean++"  # measures its Grams block by block while it merges (plusplus/): no caches
 
 
 class GramSource(Protocol):

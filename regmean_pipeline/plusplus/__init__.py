@@ -1,0 +1,1 @@
+"""RegMean++: block-by-block merging on the hidden states the merged model itself produces."""

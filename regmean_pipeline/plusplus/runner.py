@@ -1,0 +1,259 @@
+"""RegMean++ (Nguyen et al., arXiv 2508.03121): merge a model block by block, each block's Grams measured
+on the hidden states that the merged embeddings and merged blocks before it produce.
+
+1. The prefix (every parameter that runs before the first block) is averaged.
+2. For each block l: candidate i's own block l runs on the hidden states of candidate i's examples as the
+   merged prefix and merged blocks < l produce them, with hooks accumulating its linear layers' Grams
+   (pads masked as ``regmean stats`` masks them); block l is merged as ``regmean merge`` merges a layer;
+   then every candidate's hidden states advance through the merged block l.
+3. The tail (final norm, pooler, heads) is one more unit, measured on the merged trunk's output.
+
+Only one block's weights are in memory at a time, read lazily from each candidate's checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.weights import WeightSource
+from regmean_pipeline.measure.gram import GramAccumulator, GramStats, batch_size_of
+from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
+from regmean_pipeline.measure.models import check_finite_parameters, tied_parameter_names
+from regmean_pipeline.merge.plan import MergeSettings, exclusion
+from regmean_pipeline.plusplus.activations import ActivationStore
+from regmean_pipeline.plusplus.block_calls import StackDriver, probe_output
+from regmean_pipeline.plusplus.collective import Collective
+from regmean_pipeline.plusplus.merge_unit import UnitCandidate, merge_unit
+from regmean_pipeline.plusplus.skeleton import empty_model, load_tensors, relative, release
+from regmean_pipeline.plusplus.stack import Units, find_block_stack, split_units
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+Sink = Callable[[str, torch.Tensor], None]
+
+
+@dataclass
+class BlockwiseCandidate:
+    name: str
+    config: Any  # the candidate's transformers config (its own head's size included)
+    weights: WeightSource
+    coefficient: float = 1.0
+    batches: list[Batch] | None = None  # its examples as model inputs; None on processes that do not hold it
+
+
+@dataclass
+class BlockwiseSettings:
+    merge: MergeSettings = field(default_factory=MergeSettings)
+    forward_dtype: torch.dtype = torch.float32
+    accumulate_dtype: torch.dtype = torch.float32
+    include_padding: bool = False
+    activation_memory: int = 4 << 30  # bytes of hidden states kept in memory; the rest is spilled
+    spill_dir: Path | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class UnitDone:
+    """What the caller may keep of a merged unit (a checkpoint): its label, tensors and report entries."""
+
+    label: str
+    tensors: dict[str, torch.Tensor]
+    layers: dict[str, dict]
+
+
+def _prefixed(stats: GramStats, prefix: str) -> GramStats:
+    """A block's Grams under the model's names (``attention.self.query`` -> ``bert.encoder.layer.3.…``)."""
+    return GramStats(
+        layers={prefix + name: dataclasses.replace(layer, name=prefix + name, weight=prefix + layer.weight)
+                for name, layer in stats.layers.items()},
+        layer_grams={prefix + name: prefix + key for name, key in stats.layer_grams.items()},
+        sums={prefix + key: total for key, total in stats.sums.items()},
+        tokens={prefix + key: count for key, count in stats.tokens.items()},
+        examples=stats.examples,
+    )
+
+
+NO_GRAMS = GramStats({}, {}, {}, {})
+
+
+class BlockwiseMerge:
+    """One RegMean++ run; ``run`` merges every unit in order and hands each merged tensor to ``sink``."""
+
+    def __init__(self, candidates: list[BlockwiseCandidate], settings: BlockwiseSettings, *,
+                 device: torch.device, base: WeightSource | None = None, collective: Collective | None = None,
+                 progress: bool = True) -> None:
+        self.candidates, self.settings, self.device = candidates, settings, torch.device(device)
+        self.collective = collective or Collective()
+        self.local = [i for i, c in enumerate(candidates) if c.batches is not None]
+        if not self.local:
+            raise RegMeanError("this process holds no candidate's examples")
+        self.units_in = [UnitCandidate(c.name, c.weights, c.coefficient) for c in candidates]
+        self.excluded = exclusion(settings.merge.exclude)
+        self.copy_source = base or candidates[0].weights
+        self.progress = progress
+        self.model = empty_model(candidates[0].config, dtype=settings.forward_dtype,
+                                 trust_remote_code=settings.trust_remote_code)
+        self.stack = find_block_stack(self.model)
+        self.driver = StackDriver(self.model, self.stack)
+        self.store = ActivationStore(self.device, settings.activation_memory, settings.spill_dir)
+        self.layers: dict[str, dict] = {}
+        self.timings: list[dict] = []
+        self.batches = 0  # solve batches
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _batches(self, index: int):
+        for number, batch in enumerate(self.candidates[index].batches):
+            yield number, {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def _load(self, module: nn.Module, source: WeightSource, names: list[str], prefix: str = "") -> None:
+        tensors = {name: source.get(name) for name in names}
+        try:
+            load_tensors(module, relative(tensors, prefix) if prefix else tensors, device=self.device,
+                         dtype=self.settings.forward_dtype)
+        except KeyError as exc:
+            raise RegMeanError(f"{source.reference}: parameter {prefix}{exc.args[0]} is not one of "
+                               f"{type(module).__name__}'s") from None
+
+    def _accumulator(self, module: nn.Module, layers: list[LinearLayer]) -> GramAccumulator:
+        return GramAccumulator(module, include_padding=self.settings.include_padding,
+                               accumulate_dtype=self.settings.accumulate_dtype, layers=layers)
+
+    def _merge(self, label: str, names: list[str], grams: dict[int, GramStats]) -> dict[str, torch.Tensor]:
+        merged, entries, batches = merge_unit(names, self.units_in, grams, self.settings.merge, excluded=self.excluded,
+                                     copy_source=self.copy_source, device=self.device,
+                                     collective=self.collective, label=label)
+        self.layers.update(entries)
+        self.batches += batches
+        return merged
+
+    # -- the steps -----------------------------------------------------------------------------------
+    def plan_units(self) -> Units:
+        """Which stored parameters are prefix, blocks and tail: the model around the stack runs once, with
+        the first held candidate's weights, to see what runs before the first block."""
+        first = self.candidates[self.local[0]]
+        names = first.weights.names()
+        self._load(self.model, first.weights, [n for n in names if self.stack.block_of(n) is None])
+        _, batch = next(self._batches(self.local[0]))
+        prefix_modules = self.driver.modules_before_stack(batch)
+        self.collective.check_same("\n".join(sorted(prefix_modules)), "the modules before the first block")
+        block = self.driver.blocks[0]
+        self._load(block, first.weights, [n for n in names if self.stack.block_of(n) == 0],
+                   self.stack.block_prefix(0))
+        self.driver.output = probe_output(block, self.driver.record(batch, 0))
+        release(block)
+        release(self.model)
+        self.prefix_modules = prefix_modules
+        return split_units(self.candidates[0].weights.names(), self.stack, prefix_modules)
+
+    def measure_block(self, index: int, names: list[str]) -> dict[int, GramStats]:
+        """Each held candidate's own block ``index`` on its hidden states: that block's Grams."""
+        block, prefix = self.driver.blocks[index], self.stack.block_prefix(index)
+        grams = {}
+        for i in self.local:
+            candidate = self.candidates[i]
+            self._load(block, candidate.weights, names, prefix)
+            check_finite_parameters(block, f"candidate {candidate.name}: block {index}")
+            with self._accumulator(block, find_linear_layers(block)) as accumulator:
+                for number, batch in self._batches(i):
+                    call = self.driver.record(batch, index)
+                    with accumulator.batch(batch.get("attention_mask"), batch_size_of(batch)):
+                        self.driver.run(block, call, self.store.get((i, number)))
+                grams[i] = _prefixed(accumulator.result(), prefix)
+        return grams
+
+    def advance(self, index: int, merged: Mapping[str, torch.Tensor]) -> None:
+        """Every held candidate's hidden states through the merged block ``index``."""
+        block, prefix = self.driver.blocks[index], self.stack.block_prefix(index)
+        load_tensors(block, relative(merged, prefix), device=self.device, dtype=self.settings.forward_dtype)
+        for i in self.local:
+            for number, batch in self._batches(i):
+                call = self.driver.record(batch, index)
+                self.store.put((i, number), self.driver.run(block, call, self.store.get((i, number))))
+        release(block)
+
+    def measure_tail(self, units: Units, merged_prefix: Mapping[str, torch.Tensor]) -> dict[int, GramStats]:
+        """Each held candidate's own tail (its head included) on the merged trunk's output."""
+        grams = {}
+        tail = set(units.tail)
+        for i in self.local:
+            candidate = self.candidates[i]
+            model = empty_model(candidate.config, dtype=self.settings.forward_dtype,
+                                trust_remote_code=self.settings.trust_remote_code)
+            driver = StackDriver(model, self.stack, self.driver.output)
+            load_tensors(model, merged_prefix, device=self.device, dtype=self.settings.forward_dtype)
+            self._load(model, candidate.weights, [n for n in candidate.weights.names() if n in tail])
+            tied = tied_parameter_names(model)
+            layers = [layer for layer in find_linear_layers(model) if self.stack.block_of(layer.name) is None
+                      and layer.name not in self.prefix_modules and layer.weight not in tied]
+            with self._accumulator(model, layers) as accumulator:
+                for number, batch in self._batches(i):
+                    with accumulator.batch(batch.get("attention_mask"), batch_size_of(batch)):
+                        driver.run_tail(batch, self.store.get((i, number)))
+                grams[i] = accumulator.result().without_weights(tied)
+            release(model)
+        return grams
+
+    def run(self, sink: Sink, *, resumed: Callable[[str], dict[str, torch.Tensor] | None] = lambda label: None,
+            unit_done: Callable[[UnitDone], None] = lambda done: None) -> dict:
+        """Merge every unit in order. ``resumed(label)`` returns a unit merged by an earlier run (then only
+        the hidden states are recomputed through it); ``unit_done`` sees each unit once merged."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            units = self.plan_units()
+            bar = tqdm(total=len(units.blocks) + 2, desc="regmean++", unit="unit", disable=not self.progress)
+            try:
+                for label, names in units.ordered():
+                    unit_started = time.perf_counter()
+                    earlier = resumed(label)
+                    timing: dict[str, Any] = {"unit": label, "parameters": len(names), "resumed": earlier is not None}
+                    if label == "prefix":
+                        merged = earlier if earlier is not None else self._merge(label, names, dict.fromkeys(
+                            self.local, NO_GRAMS))
+                        merged_prefix = merged
+                        load_tensors(self.model, merged, device=self.device, dtype=self.settings.forward_dtype)
+                        for i in self.local:
+                            for number, batch in self._batches(i):
+                                self.store.put((i, number), self.driver.record(batch, 0).hidden)
+                    elif label == "tail":
+                        measured = time.perf_counter()
+                        grams = self.measure_tail(units, merged_prefix) if earlier is None else None
+                        timing["grams_s"] = time.perf_counter() - measured
+                        merged = earlier if earlier is not None else self._merge(label, names, grams)
+                    else:
+                        index = int(label.split()[1])
+                        measured = time.perf_counter()
+                        grams = self.measure_block(index, names) if earlier is None else None
+                        solved = time.perf_counter()
+                        merged = earlier if earlier is not None else self._merge(label, names, grams)
+                        del grams
+                        advanced = time.perf_counter()
+                        self.advance(index, merged)
+                        timing.update(grams_s=solved - measured, solve_s=advanced - solved,
+                                      advance_s=time.perf_counter() - advanced)
+                    for name, tensor in merged.items():
+                        sink(name, tensor)
+                    timing["seconds"] = time.perf_counter() - unit_started
+                    self.timings.append(timing)
+                    unit_names = set(names)
+                    unit_done(UnitDone(label, merged, {n: e for n, e in self.layers.items()
+                                                       if e["weight"] in unit_names}))
+                    bar.update()
+            finally:
+                bar.close()
+                self.store.close()
+        return {"layers": self.layers, "units": self.timings, "batches": self.batches,
+                "stack": {"path": self.stack.path, "blocks": self.stack.length, "block_class": self.stack.block_class},
+                "prefix": units.prefix, "tail": units.tail, "activations": self.store.usage.as_dict(),
+                "timings": {"total": time.perf_counter() - started}}
