@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-_PRELOAD = ["stages.cli", "stages.stats", "stages.merge", "datasets", "transformers", "torch", "tests.processes"]
+_PRELOAD = ["stages.cli", "stages.stats", "stages.merge", "stages.plusplus", "datasets", "transformers", "torch", "tests.processes"]
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(_PRELOAD)
 

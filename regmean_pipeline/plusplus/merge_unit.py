@@ -105,7 +105,7 @@ def _solve_batch(batch: SolveBatch, candidates: list[UnitCandidate], grams: dict
                  total_tokens: dict[str, int], coefficient_sum: float, owner: int,
                  report: dict[str, dict]) -> torch.Tensor:
     sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=settings.solve_dtype, device=device,
-                      reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio)
+                      reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio, sum_dtype=torch.float64)
     sums.set_anchor(stack_weights(batch, candidates[0].weights))
     for index in local:
         stats, candidate = grams[index], candidates[index]
@@ -135,9 +135,13 @@ def _solve_batch(batch: SolveBatch, candidates: list[UnitCandidate], grams: dict
 
 def anchored_mean(name: str, candidates: list[UnitCandidate], local: list[int], coefficient_sum: float,
                   collective: Collective) -> torch.Tensor:
-    """W_1 + sum_{i>1} c_i / sum(c) (W_i - W_1): the coefficient-weighted mean, exact for equal candidates;
-    integer buffers (position ids) are the first candidate's. Summed in float64 and rounded once: the
-    merged prefix and blocks feed the next blocks' Grams, so their rounding should be the storage's alone."""
+    """W_1 + sum_{i>1} c_i (W_i - W_1) / sum(c): the coefficient-weighted mean, exact for equal candidates;
+    integer buffers (position ids) are the first candidate's.
+
+    The differences of float32 (or narrower) weights, times small coefficients, are exact in float64, and
+    so are their sums: the offset comes out the same however the candidates are grouped over processes,
+    and is divided and rounded once. The merged prefix and blocks feed the next blocks' Grams, so their
+    rounding must not depend on the grouping."""
     anchor = candidates[0].weights.get(name)
     if not (anchor.is_floating_point() or anchor.is_complex()):
         return anchor
@@ -147,7 +151,6 @@ def anchored_mean(name: str, candidates: list[UnitCandidate], local: list[int], 
     for index in local:
         if index:
             candidate = candidates[index]
-            offset.add_(candidate.weights.get(name).to(accumulate) - anchor_wide,
-                        alpha=candidate.coefficient / coefficient_sum)
+            offset.add_(candidate.weights.get(name).to(accumulate) - anchor_wide, alpha=candidate.coefficient)
     collective.sum_([offset])
-    return anchor_wide.add_(offset).to(anchor.dtype)
+    return anchor_wide.add_(offset.div_(coefficient_sum)).to(anchor.dtype)
