@@ -4,13 +4,13 @@ __version__ = "0.1.0"
 
 from regmean_pipeline.errors import RegMeanError  # noqa: E402
 
-__all__ = ["RegMean", "RegMeanError", "__version__"]
+__all__ = ["RegMean", "RegMeanPlusPlus", "RegMeanError", "__version__"]
 
 
 def __getattr__(name: str):
     # The API pulls in torch and transformers; import it only when asked for.
-    if name == "RegMean":
-        from regmean_pipeline.api import RegMean
+    if name in ("RegMean", "RegMeanPlusPlus"):
+        from regmean_pipeline import api
 
-        return RegMean
+        return getattr(api, name)
     raise AttributeError(name)

@@ -19,6 +19,7 @@ from regmean_pipeline.cache.manifest import manifest_from_stats
 from regmean_pipeline.cache.store import InMemoryGrams
 from regmean_pipeline.config import load_config, parse_config
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.model_folder import parse_size
 from regmean_pipeline.io.weights import StateDictWeights, fingerprint
 from regmean_pipeline.measure.data import DatasetSpec, make_loader
 from regmean_pipeline.measure.gram import collect_grams
@@ -30,7 +31,8 @@ from regmean_pipeline.measure.models import (
     tied_parameter_names,
 )
 from regmean_pipeline.merge.executor import execute_merge
-from regmean_pipeline.merge.plan import Candidate, MergeSettings, plan_merge
+from regmean_pipeline.merge.plan import BLOCKWISE, Candidate, MergeSettings, plan_merge
+from regmean_pipeline.plusplus.runner import BlockwiseCandidate, BlockwiseMerge, BlockwiseSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,19 @@ class RegMean:
         seed: int = 0,
         device: str | None = None,
         progress: bool = False,
+        method: str = "regmean",
+        activation_memory: str | int = "4GiB",
     ) -> None:
+        if method not in ("regmean", BLOCKWISE):
+            raise RegMeanError(f"method: {method!r} is not one of regmean, {BLOCKWISE}")
+        self.method = method
         self.num_examples = num_regmean_examples
         self.settings = MergeSettings(reduce_non_diagonal_ratio, gram_weighting, list(exclude_param_names_regex),
                                       parse_dtype(solve_dtype, "solve_dtype"))
+        try:
+            self.activation_memory = parse_size(activation_memory)
+        except ValueError as exc:
+            raise RegMeanError(f"activation_memory: {exc}") from None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.include_padding = include_padding
         self.accumulate_dtype = accumulate_dtype
@@ -101,6 +112,8 @@ class RegMean:
         if set(data) != set(models):
             raise RegMeanError(f"data is given for {sorted(data)} but the models are {sorted(models)}")
         coefficients = dict(coefficients or {})
+        if self.method == BLOCKWISE:
+            return self._run_blockwise(models, data, preprocessors, coefficients, base)
         candidates = []
         for name, model in models.items():
             batches = self._batches(name, model, data[name], preprocessors)
@@ -111,8 +124,30 @@ class RegMean:
                                base=self._weights(base) if base is not None else None, progress=self.progress)
         self.report = {"layers": result["layers"], "averaged": plan.averaged, "copied": plan.copied,
                        "timings": result["timings"]}
-        merged = copy.deepcopy(base if base is not None else next(iter(models.values())))
-        missing, unexpected = merged.load_state_dict(merged_state, strict=False)
+        return self._loaded(base if base is not None else next(iter(models.values())), merged_state)
+
+    def _run_blockwise(self, models: dict[str, nn.Module], data: dict[str, Any], preprocessors: Any,
+                       coefficients: Mapping[str, float], base: nn.Module | None) -> nn.Module:
+        """RegMean++: block by block on the merged model's own hidden states (plusplus/)."""
+        first = next(iter(models.values()))
+        candidates = [BlockwiseCandidate(name, model.config, self._weights(model), coefficients.get(name, 1.0),
+                                         list(self._batches(name, model, data[name], preprocessors)))
+                      for name, model in models.items()]
+        settings = BlockwiseSettings(self.settings, next(first.parameters()).dtype,
+                                     parse_dtype(self.accumulate_dtype, "accumulate_dtype"), self.include_padding,
+                                     self.activation_memory)
+        merged_state: dict[str, torch.Tensor] = {}
+        base_weights = self._weights(base) if base is not None else None
+        runner = BlockwiseMerge(candidates, settings, device=self.device, base=base_weights, progress=self.progress)
+        result = runner.run(merged_state.__setitem__)
+        self.report = {"layers": result["layers"], "units": result["units"], "stack": result["stack"],
+                       "activations": result["activations"], "timings": result["timings"]}
+        return self._loaded(base if base is not None else first, merged_state)
+
+    @staticmethod
+    def _loaded(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+        merged = copy.deepcopy(template)
+        missing, unexpected = merged.load_state_dict(state, strict=False)
         untied = set(missing) - tied_parameter_names(merged)
         if untied or unexpected:  # a bug, not a user error
             raise RuntimeError(f"merged state does not fit the model: missing {sorted(untied)[:3]}, "
@@ -176,3 +211,15 @@ def _first_examples(batches: Iterable[Mapping[str, torch.Tensor]], limit: int) -
             size = limit - taken
         taken += size
         yield batch
+
+
+class RegMeanPlusPlus(RegMean):
+    """RegMean++ (Nguyen et al., 2025) in memory, with FusionBench's keys (``RegMeanAlgorithmPlusPlus``):
+    each block's Grams are measured on the hidden states the merged embeddings and merged blocks before
+    it produce. Same arguments as ``RegMean``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("method", BLOCKWISE)
+        if kwargs["method"] != BLOCKWISE:
+            raise RegMeanError(f"RegMeanPlusPlus: method must be {BLOCKWISE}, got {kwargs['method']!r}")
+        super().__init__(**kwargs)

@@ -181,3 +181,83 @@ def table(sizes: RunSizes) -> str:
     lines += [f"| {name} | {one} | {all_} |" for name, one, all_ in rows]
     return "\n".join(lines)
 
+
+
+@dataclass
+class BlockwiseSizes:
+    """What a RegMean++ run holds (``regmean plan --method regmean++``): hidden states and one block."""
+
+    architecture: str
+    stack: str
+    blocks: int
+    candidates: int
+    examples: int  # per candidate
+    tokens_per_example: int  # at most: texts are truncated to it, shorter ones are not padded to it
+    hidden_size: int
+    activation_bytes: int  # every candidate's hidden states between two blocks, at most
+    activation_memory: int  # the --activation-memory budget
+    spill_bytes: int  # what goes to the spill folder beyond the budget, at most
+    block_weight_bytes: int  # the largest block, in the forward dtype (one is loaded at a time)
+    block_gram_bytes: int  # its Gram accumulators, for all candidates (held until the block is solved)
+    outside_stack_bytes: int  # embeddings and heads, loaded once
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def blockwise_estimate(reference: str | Path, *, candidates: int = 2, num_examples: int = 256,
+                       max_length: int | None = None, dtype: torch.dtype = torch.float32,
+                       accumulate_dtype: torch.dtype = torch.float32, activation_memory: int = 4 << 30,
+                       trust_remote_code: bool = False) -> BlockwiseSizes:
+    """Sizes of a RegMean++ run from the config alone, the model built on the meta device."""
+    from regmean_pipeline.plusplus.stack import find_block_stack
+
+    if candidates < 1 or num_examples < 1:
+        raise RegMeanError("--candidates/--num-examples: must be at least 1")
+    config = config_of(reference, trust_remote_code=trust_remote_code)
+    model = meta_model(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    stack = find_block_stack(model)
+    blocks = model.get_submodule(stack.path)
+    element = torch.empty((), dtype=dtype).element_size()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size"))
+    if "pixel_values" in forward_inputs(model) and "input_ids" not in forward_inputs(model):
+        tokens = (config.image_size // config.patch_size) ** 2 + 1  # patches and the class token
+    else:
+        tokens = max_length or getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", 512)
+    activation = candidates * num_examples * tokens * hidden * element
+    index = max(range(len(blocks)), key=lambda i: sum(p.numel() for p in blocks[i].parameters()))
+    largest = blocks[index]
+    accumulator = torch.empty((), dtype=accumulate_dtype).element_size()
+    try:  # layers fed one input share one Gram, as a real run finds them
+        keys = detect_gram_keys(model, _meta_batch(model, config))
+    except Exception:  # a forward that meta tensors cannot run: count every layer on its own (an upper bound)
+        keys = {}
+    prefix = stack.block_prefix(index)
+    grams = {keys.get(prefix + layer.name, layer.name): layer.in_features for layer in find_linear_layers(largest)}
+    stack_parameters = {id(p) for p in blocks.parameters()}
+    return BlockwiseSizes(
+        architecture=type(model).__name__, stack=stack.path, blocks=stack.length, candidates=candidates,
+        examples=num_examples, tokens_per_example=int(tokens), hidden_size=hidden, activation_bytes=activation,
+        activation_memory=activation_memory, spill_bytes=max(0, activation - activation_memory),
+        block_weight_bytes=sum(p.numel() for p in largest.parameters()) * element,
+        block_gram_bytes=candidates * sum(d * d * accumulator for d in grams.values()),
+        outside_stack_bytes=sum(p.numel() for p in model.parameters() if id(p) not in stack_parameters) * element,
+    )
+
+
+def blockwise_table(sizes: BlockwiseSizes) -> str:
+    k = sizes.candidates
+    rows = [
+        ("hidden states between two blocks (at most)", human(sizes.activation_bytes // k), human(sizes.activation_bytes)),
+        ("  kept in memory (--activation-memory)", "", human(min(sizes.activation_bytes, sizes.activation_memory))),
+        ("  spilled to disk (at most)", "", human(sizes.spill_bytes)),
+        ("one block's weights (largest)", human(sizes.block_weight_bytes), ""),
+        ("one block's Gram accumulators", human(sizes.block_gram_bytes // k), human(sizes.block_gram_bytes)),
+        ("embeddings and heads (outside the stack)", human(sizes.outside_stack_bytes), ""),
+    ]
+    head = (f"{sizes.architecture}, RegMean++: {sizes.blocks} blocks in {sizes.stack}; {k} candidates x "
+            f"{sizes.examples} examples x at most {sizes.tokens_per_example} tokens x hidden {sizes.hidden_size}")
+    lines = [head, "", f"| | per candidate | {k} candidates |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {one} | {all_} |" for name, one, all_ in rows]
+    return "\n".join(lines)

@@ -306,10 +306,18 @@ def plan(
     max_gram_memory: Annotated[Optional[str], typer.Option(help="The stats' --max-gram-memory: also report the passes it takes.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the numbers (bytes) as JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
+    method: Annotated[str, typer.Option(help="regmean (stats + merge), or regmean++ (hidden states and blocks of one run).")] = "regmean",
+    num_examples: Annotated[int, typer.Option(help="regmean++: examples per candidate.")] = 256,
+    max_length: Annotated[Optional[int], typer.Option(help="regmean++: tokens per example at most [default: the model's limit].")] = None,
+    activation_memory: Annotated[str, typer.Option(help="regmean++: the merge's --activation-memory.")] = "4GiB",
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Print cache size, stats memory and merge memory for a model, from its config alone (no weights)."""
+    """Print cache size, stats memory and merge memory for a model, from its config alone (no weights).
+
+    With `--method regmean++`: the hidden states a run holds, what it spills beyond --activation-memory,
+    and the largest block's weights and Grams (--dtype is then the forward dtype, default float32).
+    """
     _setup_logging(quiet, debug)
 
     def action():
@@ -326,6 +334,21 @@ def plan(
             raise RegMeanError(f"--max-gram-memory/--batch-memory: {exc}") from None
         if dtype is not None:
             parse_dtype(dtype)
+        if method == "regmean++":
+            from regmean_pipeline.sizing import blockwise_estimate, blockwise_table
+
+            try:
+                activation = parse_size(activation_memory)
+            except ValueError as exc:
+                raise RegMeanError(f"--activation-memory: {exc}") from None
+            sizes = blockwise_estimate(model, candidates=candidates, num_examples=num_examples, max_length=max_length,
+                                       dtype=parse_dtype(dtype or "float32"),
+                                       accumulate_dtype=parse_dtype(accumulate_dtype, "--accumulate-dtype"),
+                                       activation_memory=activation, trust_remote_code=trust_remote_code)
+            typer.echo(json.dumps(sizes.as_dict(), indent=1) if json_output else blockwise_table(sizes))
+            return
+        if method != "regmean":
+            raise RegMeanError(f"--method: {method!r} is not one of regmean, regmean++")
         sizes = estimate(model, candidates=candidates, dtype=dtype,
                          accumulate_dtype=parse_dtype(accumulate_dtype, "--accumulate-dtype"),
                          solve_dtype=parse_dtype(solve_dtype, "--solve-dtype"), batch_memory=batch,

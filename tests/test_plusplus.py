@@ -189,3 +189,26 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, cli, tmp_path):
     assert f"dataset {empty}: empty" in bad(cli, tmp_path, *pp, "--model", f"a={bert}", "--dataset", f"a={empty}")
     assert "only --method regmean++ reads data" in bad(cli, tmp_path, "--model", f"a={bert}", "--method", "average",
                                                        "--dataset", f"a={data}")
+
+
+def test_plan_sizes_equal_what_a_run_holds(workspace, cli, tmp_path):
+    """`regmean plan --method regmean++` from the config alone: with every text truncated to --max-length
+    (so every batch is that long), the hidden states it predicts are exactly those the run held, and its
+    per-block Gram bytes are those of the Grams the run solved."""
+    models, data = candidates(workspace, "llama")
+    out = plusplus(cli, tmp_path / "m", models, data, "--max-length", 4)
+    code, printed, err = cli("plan", "--model", models[0], "--method", "regmean++", "--candidates", 3,
+                             "--num-examples", 24, "--max-length", 4, "--json")
+    assert code == 0, err
+    sizes = json.loads(printed)
+    report = read_json(out / "merge_report.json")
+    assert sizes["activation_bytes"] == report["activations"]["peak_memory_bytes"] == 3 * 24 * 4 * 32 * 4
+    assert sizes["spill_bytes"] == 0 and sizes["blocks"] == 2 and sizes["stack"] == "model.layers"
+    dims = {entry["gram"]: 0 for entry in report["layers"].values() if entry["gram"].startswith("model.layers.0.")}
+    config = transformers.AutoConfig.from_pretrained(models[0])
+    for key in dims:
+        dims[key] = config.intermediate_size if key.endswith("down_proj") else config.hidden_size
+    assert sizes["block_gram_bytes"] == 3 * sum(4 * d * d for d in dims.values())
+    code, printed, _ = cli("plan", "--model", models[0], "--method", "regmean++", "--candidates", 3,
+                           "--num-examples", 24, "--max-length", 4, "--activation-memory", "4KB")
+    assert code == 0 and "spilled to disk" in printed and "RegMean++: 2 blocks in model.layers" in printed

@@ -52,22 +52,23 @@ def load_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, devi
     aliases = _aliases(module)
     buffers = dict(module.named_buffers())
     for name, tensor in tensors.items():
-        value = tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+        target = dtype if tensor.is_floating_point() else tensor.dtype
         if name in aliases:
             owner, leaf = _owner(module, name)
             current = owner._parameters[leaf]
-            if (current.device == value.device and current.shape == value.shape
-                    and current.dtype == value.dtype):
+            if current.device == torch.device(device) and current.shape == tensor.shape and current.dtype == target:
                 with torch.no_grad():
-                    current.copy_(value)
+                    current.copy_(tensor)
                 continue
-            parameter = nn.Parameter(value, requires_grad=False)
+            # A copy of its own: the next candidate is copied into it in place, and the source may be a
+            # caller's live tensor (the in-memory API) or a merged tensor already handed to the output.
+            parameter = nn.Parameter(tensor.to(device, target, copy=True), requires_grad=False)
             for alias in aliases[name]:
                 alias_owner, alias_leaf = _owner(module, alias)
                 alias_owner._parameters[alias_leaf] = parameter
         elif name in buffers:
             owner, leaf = _owner(module, name)
-            owner._buffers[leaf] = value
+            owner._buffers[leaf] = tensor.to(device, target, copy=True)
         else:
             raise KeyError(name)
 
