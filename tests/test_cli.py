@@ -46,7 +46,18 @@ def test_console_script_two_candidates_end_to_end(workspace, tmp_path):
     assert manifest["dataset"]["text_column"] == "text" and manifest["include_padding"] is False
 
 
-def test_shipped_configs_keep_fusionbench_names_and_defaults():
+def test_version_is_the_package_version_and_no_arguments_still_show_help():
+    from typer.testing import CliRunner
+
+    from regmean_pipeline import __version__
+    from stages.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"regmean-pipeline {__version__}\n"
+    bare = CliRunner().invoke(app, [])
+    assert "Usage:" in bare.stdout and "stats" in bare.stdout and "--version" in bare.stdout
+
+
     from regmean_pipeline.config import load_config
 
     clip, gpt2, bert = (yaml.safe_load((CONFIGS / f"{n}_regmean.yaml").read_text()) for n in ("clip", "gpt2", "bert"))
