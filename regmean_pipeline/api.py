@@ -34,6 +34,10 @@ from regmean_pipeline.merge.plan import Candidate, MergeSettings, plan_merge
 
 log = logging.getLogger(__name__)
 
+# config options of the stages that have no meaning here (models and data are passed to ``run``)
+CLI_ONLY = frozenset({"cache_dir", "format", "dtype", "caches", "models", "coefficients", "base", "scaling",
+                      "pretrained", "per_candidate", "max_shard_size", "batch_memory"})
+
 
 class RegMean:
     """Merge fine-tuned models of one architecture with RegMean, all in memory.
@@ -76,9 +80,15 @@ class RegMean:
     def from_config(cls, config: str | Path | Mapping[str, Any], **overrides: Any) -> RegMean:
         """Build from a FusionBench-style YAML file or dict (same keys as configs/)."""
         options = load_config(config) if isinstance(config, (str, Path)) else parse_config(dict(config), "config")
+        method = options.pop("method", "regmean")
+        if method != "regmean":
+            raise RegMeanError(f"config: method {method!r}: the Python API merges with RegMean only; "
+                               "use `regmean merge` for the others")
+        unused = sorted(set(options) & CLI_ONLY)
+        if unused:
+            log.info("config: %s are options of the command line, not used here", ", ".join(unused))
         renamed = {"exclude": "exclude_param_names_regex", "num_examples": "num_regmean_examples"}
-        kwargs = {renamed.get(key, key): value for key, value in options.items() if key not in ("cache_dir", "format")}
-        kwargs.pop("dtype", None)
+        kwargs = {renamed.get(key, key): value for key, value in options.items() if key not in CLI_ONLY}
         return cls(**{**kwargs, **overrides})
 
     def run(

@@ -164,19 +164,24 @@ def merge(
     gram_weighting: Annotated[Optional[str], typer.Option(help="equal: each candidate's Gram is its mean over tokens (paper, FusionBench); tokens: candidates weigh by token count.")] = None,
     solve_dtype: Annotated[Optional[str], typer.Option(help="float32 or float64.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest output safetensors shard.")] = "5GB",
-    batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems.")] = "1GiB",
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest output safetensors shard [default: 5GB].")] = None,
+    batch_memory: Annotated[Optional[str], typer.Option(help="Working memory of one batch of systems [default: 1GiB].")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
-    method: Annotated[str, typer.Option(help="regmean, or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices).")] = "regmean",
+    method: Annotated[Optional[str], typer.Option(help="regmean, or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices) [default: regmean].")] = None,
     scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) [default: 0.3].")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Task arithmetic: the model the candidates were fine-tuned from.")] = None,
-    per_candidate: Annotated[bool, typer.Option(help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer.")] = False,
+    per_candidate: Annotated[Optional[bool], typer.Option("--per-candidate/--no-per-candidate", help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer [default: no].")] = None,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder."""
+    """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder.
+
+    OUT/README.md (and each per-candidate model's) is a model card whose YAML block, given back as
+    --config, makes the same merge. In a --config, caches, models and coefficients may be given too;
+    flags win over the file (--model and --coefficient name by name).
+    """
     _setup_logging(quiet, debug)
 
     def action():
@@ -184,16 +189,21 @@ def merge(
         from stages.merge import MergeOptions, run_merge
 
         cfg = load_config(config)
+        scale = pick(scaling, cfg, "scaling", None)
         run_merge(MergeOptions(
-            out=out, cache_dir=pick(cache_dir, cfg, "cache_dir", None), caches=list(cache or []),
-            models=_pairs(model, "--model"), coefficients=_pairs(coefficient, "--coefficient", float), base=base,
-            exclude=pick(exclude or None, cfg, "exclude", []),
+            out=out, cache_dir=pick(cache_dir, cfg, "cache_dir", None), caches=list(pick(cache or None, cfg, "caches", [])),
+            models={**cfg.get("models", {}), **_pairs(model, "--model")},
+            coefficients={name: float(value) for name, value in
+                          {**cfg.get("coefficients", {}), **_pairs(coefficient, "--coefficient", float)}.items()},
+            base=pick(base, cfg, "base", None), exclude=pick(exclude or None, cfg, "exclude", []),
             reduce_non_diagonal_ratio=float(pick(reduce_non_diagonal_ratio, cfg, "reduce_non_diagonal_ratio", 0.95)),
             gram_weighting=pick(gram_weighting, cfg, "gram_weighting", "equal"),
             solve_dtype=pick(solve_dtype, cfg, "solve_dtype", "float32"), device=pick(device, cfg, "device", "auto"),
-            max_shard_size=max_shard_size, batch_memory=batch_memory, allow_pickle=allow_pickle,
-            overwrite=overwrite, progress=not quiet, method=method, scaling=scaling, pretrained=pretrained,
-            per_candidate=per_candidate,
+            max_shard_size=pick(max_shard_size, cfg, "max_shard_size", "5GB"),
+            batch_memory=pick(batch_memory, cfg, "batch_memory", "1GiB"), allow_pickle=allow_pickle,
+            overwrite=overwrite, progress=not quiet, method=pick(method, cfg, "method", "regmean"),
+            scaling=None if scale is None else float(scale), pretrained=pick(pretrained, cfg, "pretrained", None),
+            per_candidate=pick(per_candidate, cfg, "per_candidate", False),
         ))
 
     _run(action, debug=debug)
