@@ -73,7 +73,7 @@ TEMPLATE = """---
 
 ## How it was merged
 
-Merged by `regmean merge` ({{ tool }}, {{ created }}) with {{ method }}.
+Merged by `regmean merge` ({{ tool }}) with {{ method }}.
 To make the same model again, save this block as `merge.yaml` and run
 `regmean merge --config merge.yaml --out OUT` in the folder the merge ran in (paths are as they were
 given then; the candidates and caches must hold the same files: the fingerprints below).
@@ -143,7 +143,10 @@ def rerun_config(settings: dict[str, Any]) -> dict[str, Any]:
 
 def build_card(report: dict[str, Any], *, model_name: str, pipeline_tag: str | None,
                candidate: str | None = None) -> ModelCard:
-    """The card of a merge output (``candidate`` None) or of one candidate's per-candidate model."""
+    """The card of a merge output (``candidate`` None) or of one candidate's per-candidate model.
+
+    It describes the model, not the run: no date or timing (merge_report.json has them), so a merge made
+    again with the same inputs writes the same card."""
     settings = report["settings"]
     candidates = report["candidates"]
     base_models = _unique(c["reference"] for c in candidates if c.get("reference") and is_hub_id(c["reference"]))
@@ -160,7 +163,7 @@ def build_card(report: dict[str, Any], *, model_name: str, pipeline_tag: str | N
         where += f" by {settings['ranks']} processes"
     return ModelCard.from_template(
         data, template_str=TEMPLATE, model_name=model_name, summary=_summary(report, candidate),
-        tool=report.get("tool", TOOL), created=report.get("created", ""),
+        tool=report.get("tool", TOOL),
         method=METHOD_TITLES.get(settings["method"], f"the {settings['method']} method"),
         config=f"# {where}; another device type may round differently\n"
                + yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
