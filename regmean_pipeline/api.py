@@ -36,6 +36,11 @@ from regmean_pipeline.plusplus.runner import BlockwiseCandidate, BlockwiseMerge,
 
 log = logging.getLogger(__name__)
 
+# config options of the stages that have no meaning here (models and data are passed to ``run``)
+CLI_ONLY = frozenset({"cache_dir", "format", "dtype", "caches", "models", "coefficients", "base", "scaling",
+                      "pretrained", "per_candidate", "max_shard_size", "batch_memory", "datasets", "split",
+                      "text_column", "text_pair_column", "image_column"})
+
 
 class RegMean:
     """Merge fine-tuned models of one architecture with RegMean, all in memory.
@@ -87,9 +92,14 @@ class RegMean:
     def from_config(cls, config: str | Path | Mapping[str, Any], **overrides: Any) -> RegMean:
         """Build from a FusionBench-style YAML file or dict (same keys as configs/)."""
         options = load_config(config) if isinstance(config, (str, Path)) else parse_config(dict(config), "config")
+        if options.get("method", "regmean") not in ("regmean", BLOCKWISE):
+            raise RegMeanError(f"config: method {options['method']!r}: the Python API merges with RegMean or "
+                               f"{BLOCKWISE}; use `regmean merge` for the others")
+        unused = sorted(set(options) & CLI_ONLY)
+        if unused:
+            log.info("config: %s are options of the command line, not used here", ", ".join(unused))
         renamed = {"exclude": "exclude_param_names_regex", "num_examples": "num_regmean_examples"}
-        kwargs = {renamed.get(key, key): value for key, value in options.items() if key not in ("cache_dir", "format")}
-        kwargs.pop("dtype", None)
+        kwargs = {renamed.get(key, key): value for key, value in options.items() if key not in CLI_ONLY}
         return cls(**{**kwargs, **overrides})
 
     def run(

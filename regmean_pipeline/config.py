@@ -1,4 +1,5 @@
-"""YAML configs with FusionBench's RegMean key names; command-line flags override them."""
+"""YAML configs with FusionBench's RegMean key names (and this tool's own for what FusionBench cannot say);
+command-line flags override them. ``config_of`` turns options back into such a config (a model card's)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,31 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "gram_weighting": ((str,), "gram_weighting"),
     "format": ((str,), "format"),
     "device": ((str,), "device"),
+    # `regmean merge` only: which candidates, and how to combine them
     "method": ((str,), "method"),
+    "caches": ((list,), "caches"),
+    "models": ((dict,), "models"),
+    "coefficients": ((dict,), "coefficients"),
+    "base": ((str,), "base"),
+    "scaling": ((float, int), "scaling"),
+    "pretrained": ((str,), "pretrained"),
+    "per_candidate": ((bool,), "per_candidate"),
+    "max_shard_size": ((str, int), "max_shard_size"),
+    "batch_memory": ((str, int), "batch_memory"),
+    # `regmean merge --method regmean++` only: each candidate's examples (stats' data options)
+    "datasets": ((dict,), "datasets"),
+    "split": ((str,), "split"),
+    "text_column": ((str,), "text_column"),
+    "text_pair_column": ((str,), "text_pair_column"),
+    "image_column": ((str,), "image_column"),
+}
+# the items of list keys, and the values of mapping keys (whose keys are candidate names)
+ITEM_TYPES: dict[str, tuple[type, ...]] = {
+    "exclude_param_names_regex": (str,), "caches": (str,), "models": (str,), "coefficients": (float, int),
+    "datasets": (str,),
 }
 IGNORED = {"_target_", "name", "_recursive_"}
+OPTION_KEYS = {option: key for key, (_, option) in KEYS.items() if option is not None}
 
 
 def load_config(path: str | Path | None) -> dict[str, Any]:
@@ -71,14 +94,46 @@ def parse_config(data: Any, where: str) -> dict[str, Any]:
         if key not in KEYS:
             raise RegMeanError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(KEYS))})")
         types, option = KEYS[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise RegMeanError(f"{where}: key {key!r} must be {' or '.join(t.__name__ for t in types)}, "
-                               f"got {value!r}")
-        if key == "exclude_param_names_regex" and not all(isinstance(v, str) for v in value):
-            raise RegMeanError(f"{where}: key {key!r} must be a list of strings")
+        if not _is(value, types):
+            raise RegMeanError(f"{where}: key {key!r} must be {_names(types)}, got {value!r}")
+        if key in ITEM_TYPES:
+            _check_items(key, value, ITEM_TYPES[key], where)
         if option is not None:
             options[option] = value
     return options
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, but a YAML true/false is no number."""
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join({"dict": "a mapping", "list": "a list"}.get(t.__name__, t.__name__) for t in types)
+
+
+def _check_items(key: str, value: list | dict, types: tuple[type, ...], where: str) -> None:
+    if isinstance(value, list):
+        bad = next((item for item in value if not _is(item, types)), None)
+        if bad is not None:
+            raise RegMeanError(f"{where}: key {key!r} must be a list of {_names(types)}, got the item {bad!r}")
+        return
+    for name, item in value.items():
+        if not isinstance(name, str):
+            raise RegMeanError(f"{where}: key {key!r}: candidate names must be strings, got {name!r} (quote it)")
+        if not _is(item, types):
+            raise RegMeanError(f"{where}: key {key!r} must map candidate names to {_names(types)}, "
+                               f"got {name}: {item!r}")
+
+
+def config_of(options: dict[str, Any]) -> dict[str, Any]:
+    """The config that ``parse_config`` reads back as these options: key names for option names, None
+    and empty collections left out. Every option must have a key (``OPTION_KEYS``)."""
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"options without a config key: {unknown}")
+    return {OPTION_KEYS[option]: value for option, value in options.items()
+            if value is not None and value not in ([], {})}
 
 
 def pick(flag: Any, config: dict[str, Any], option: str, default: Any) -> Any:

@@ -188,14 +188,14 @@ def merge(
     gram_weighting: Annotated[Optional[str], typer.Option(help="equal: each candidate's Gram is its mean over tokens (paper, FusionBench); tokens: candidates weigh by token count.")] = None,
     solve_dtype: Annotated[Optional[str], typer.Option(help="float32 or float64.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest output safetensors shard.")] = "5GB",
-    batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems.")] = "1GiB",
+    max_shard_size: Annotated[Optional[str], typer.Option(help="Largest output safetensors shard \\[default: 5GB].")] = None,
+    batch_memory: Annotated[Optional[str], typer.Option(help="Working memory of one batch of systems \\[default: 1GiB].")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
     method: Annotated[Optional[str], typer.Option(help="regmean; regmean++ (block by block on the merged model's own activations: --model NAME=PATH --dataset NAME=PATH, no caches); or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices) \\[default: regmean].")] = None,
     scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) \\[default: 0.3].")] = None,
     pretrained: Annotated[Optional[str], typer.Option(help="Task arithmetic: the model the candidates were fine-tuned from.")] = None,
-    per_candidate: Annotated[bool, typer.Option(help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer.")] = False,
+    per_candidate: Annotated[Optional[bool], typer.Option("--per-candidate/--no-per-candidate", help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer \\[default: no].")] = None,
     dataset: Annotated[Optional[list[str]], typer.Option(help="regmean++: NAME=PATH, candidate NAME's examples (repeatable; one per --model). The data options below are regmean stats' own.", rich_help_panel=PLUSPLUS)] = None,
     split: Annotated[Optional[str], typer.Option(help="Dataset split \\[default: train].", rich_help_panel=PLUSPLUS)] = None,
     text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).", rich_help_panel=PLUSPLUS)] = None,
@@ -220,6 +220,10 @@ def merge(
 ) -> None:
     """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder.
 
+    OUT/README.md (and each per-candidate model's) is a model card whose YAML block, given back as
+    --config, makes the same merge. In a --config, caches, models and coefficients may be given too;
+    flags win over the file (--model and --coefficient name by name).
+
     `--method regmean++` measures and merges block by block in one run instead: each candidate is given
     as --model NAME=PATH --dataset NAME=PATH, and no caches are read.
     """
@@ -231,25 +235,32 @@ def merge(
 
         cfg = load_config(config)
         chosen = pick(method, cfg, "method", "regmean")
+        blockwise = chosen == "regmean++"
+        scale = pick(scaling, cfg, "scaling", None)
         run_merge(MergeOptions(
-            out=out, cache_dir=cache_dir if chosen == "regmean++" else pick(cache_dir, cfg, "cache_dir", None),
-            caches=list(cache or []),
-            models=_pairs(model, "--model"), coefficients=_pairs(coefficient, "--coefficient", float), base=base,
-            exclude=pick(exclude or None, cfg, "exclude", []),
+            out=out, cache_dir=cache_dir if blockwise else pick(cache_dir, cfg, "cache_dir", None),
+            caches=list(pick(cache or None, cfg, "caches", [])),
+            models={**cfg.get("models", {}), **_pairs(model, "--model")},
+            coefficients={name: float(value) for name, value in
+                          {**cfg.get("coefficients", {}), **_pairs(coefficient, "--coefficient", float)}.items()},
+            base=pick(base, cfg, "base", None), exclude=pick(exclude or None, cfg, "exclude", []),
             reduce_non_diagonal_ratio=float(pick(reduce_non_diagonal_ratio, cfg, "reduce_non_diagonal_ratio", 0.95)),
             gram_weighting=pick(gram_weighting, cfg, "gram_weighting", "equal"),
             solve_dtype=pick(solve_dtype, cfg, "solve_dtype", "float32"), device=pick(device, cfg, "device", "auto"),
-            max_shard_size=max_shard_size, batch_memory=batch_memory, allow_pickle=allow_pickle,
-            overwrite=overwrite, progress=not quiet, method=chosen, scaling=scaling, pretrained=pretrained,
-            per_candidate=per_candidate,
-            **_given(datasets=_pairs(dataset, "--dataset") or None, split=split, text_column=text_column,
-                     text_pair_column=text_pair_column, image_column=image_column,
-                     num_examples=pick(num_examples, cfg, "num_examples", None) if chosen == "regmean++" else num_examples,
-                     seed=seed, max_length=max_length,
-                     batch_size=pick(batch_size, cfg, "batch_size", None) if chosen == "regmean++" else batch_size,
-                     num_workers=num_workers, include_padding=include_padding, dtype=dtype,
-                     accumulate_dtype=accumulate_dtype, activation_memory=activation_memory, spill_dir=spill_dir,
-                     checkpoint_every=checkpoint_every, resume=resume, trust_remote_code=trust_remote_code),
+            max_shard_size=pick(max_shard_size, cfg, "max_shard_size", "5GB"),
+            batch_memory=pick(batch_memory, cfg, "batch_memory", "1GiB"), allow_pickle=allow_pickle,
+            overwrite=overwrite, progress=not quiet, method=chosen,
+            scaling=None if scale is None else float(scale), pretrained=pick(pretrained, cfg, "pretrained", None),
+            per_candidate=pick(per_candidate, cfg, "per_candidate", False),
+            # regmean++'s data options: from the flags, and for regmean++ from the config too
+            **_given(datasets={**(cfg.get("datasets", {}) if blockwise else {}), **_pairs(dataset, "--dataset")} or None,
+                     **{name: pick(value, cfg, name, None) if blockwise else value for name, value in dict(
+                         split=split, text_column=text_column, text_pair_column=text_pair_column,
+                         image_column=image_column, num_examples=num_examples, seed=seed, max_length=max_length,
+                         batch_size=batch_size, num_workers=num_workers, include_padding=include_padding,
+                         dtype=dtype, accumulate_dtype=accumulate_dtype, activation_memory=activation_memory).items()},
+                     spill_dir=spill_dir, checkpoint_every=checkpoint_every, resume=resume,
+                     trust_remote_code=trust_remote_code),
         ))
 
     _run(action, debug=debug)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 from tqdm.auto import tqdm
 
 from regmean_pipeline import __version__
@@ -24,6 +25,7 @@ from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.atomic import check_target, staged_directory
 from regmean_pipeline.io.model_folder import write_json
 from regmean_pipeline.measure.models import resolve_device
+from regmean_pipeline.merge.model_card import record_accuracy
 from regmean_pipeline.tasks.evaluate import accuracy
 from regmean_pipeline.tasks.results import format_table, method_average, plot_accuracy
 from regmean_pipeline.tasks.score_reuse import ScoreBook, score_key
@@ -127,4 +129,22 @@ def run_eval(options: EvalOptions) -> dict:
         plot_accuracy(results, stage / CHART_NAME, title=options.title)
         results["seconds"] = time.perf_counter() - started
         write_json(stage / RESULTS_NAME, results)
+    update_model_cards(results)
     return results
+
+
+def update_model_cards(results: dict) -> None:
+    """Each scored model whose README.md is a card of a regmean merge gets its score in that card (rewritten
+    in one step); any other README.md, e.g. a fine-tuned candidate's, is left as it is."""
+    updated = set()
+    for method in results["methods"].values():
+        for task, scores in method["per_task"].items():
+            folder = Path(method["folder"]) / task
+            try:
+                if record_accuracy(folder, task=task, scores=scores, key=scores["key"]):
+                    updated.add(str(folder))
+            except (OSError, ValueError, yaml.YAMLError) as exc:  # the scores are published; such a card stays as it was
+                log.warning("%s: model card not updated (%s)", folder / "README.md",
+                            (str(exc).splitlines() or [type(exc).__name__])[0])
+    if updated:
+        log.info("eval: accuracy recorded in the model cards of %d models", len(updated))

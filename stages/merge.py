@@ -22,11 +22,12 @@ from regmean_pipeline.io.atomic import STAGING_MARK, check_target, output_lock, 
 from regmean_pipeline.io.model_folder import copy_model_files, parse_size, write_json
 from regmean_pipeline.io.safetensors_io import ShardedCheckpointWriter
 from regmean_pipeline.io.storage import Folder
-from regmean_pipeline.io.weights import open_weights, resolve_model_dir
+from regmean_pipeline.io.weights import fingerprint, open_weights, resolve_model_dir
 from regmean_pipeline.measure.models import parse_dtype, resolve_device
 from regmean_pipeline.merge.baselines import DEFAULT_SCALING, PretrainedWeights, task_arithmetic
 from regmean_pipeline.merge.executor import execute_merge
 from regmean_pipeline.merge.layer_parallel import output_owners, split_plan
+from regmean_pipeline.merge.model_card import write_card
 from regmean_pipeline.merge.per_candidate import export_per_candidate
 from regmean_pipeline.merge.plan import BLOCKWISE, DATALESS, Candidate, GramSource, MergeSettings, exclusion, plan_merge
 
@@ -130,7 +131,7 @@ def open_candidates(options: MergeOptions) -> list[Candidate]:
         except RegMeanError as exc:
             raise RegMeanError(f"candidate {name}: {exc} (set its weights with --model {name}=PATH)") from None
         return Candidate(name, grams, open_weights(model_dir, allow_pickle=options.allow_pickle),
-                         float(options.coefficients.get(name, 1.0)), model_dir, where or str(model_dir))
+                         float(options.coefficients.get(name, 1.0)), model_dir, where or str(model_dir), reference)
 
     candidates = []
     for folder in folders:
@@ -215,6 +216,7 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
         report["timings"]["plan_and_checks"] = planned - started
         report["timings"]["total"] = time.perf_counter() - started
         report["settings"]["ranks"] = ranks.world
+        write_cards(stage, report, out.resolve().name)
         write_json(stage / REPORT_NAME, report)
     fallbacks = report["totals"]["fallback_systems"]
     log.info("merge: %d candidates, %d layers solved (%d systems%s), %d averaged, %d copied%s, %.1fs -> %s",
@@ -280,14 +282,17 @@ def build_report(options: MergeOptions, settings: MergeSettings, plan, candidate
         "version": 1,
         "tool": f"regmean-pipeline {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "candidates": [{"name": c.name, "cache": c.where if c.grams else None, "weights": c.weights.reference,
-                        "coefficient": c.coefficient, "examples": c.grams.manifest.examples if c.grams else None}
-                       for c in candidates],
+        "candidates": [candidate_entry(c) for c in candidates],
+        # every option that decides the merged bytes, as given (a model card's config gives them back), and
+        # the device, which does not
         "settings": {"method": settings.method, "scaling": options.scaling, "pretrained": options.pretrained,
                      "reduce_non_diagonal_ratio": settings.reduce_non_diagonal_ratio,
                      "gram_weighting": settings.gram_weighting, "exclude": settings.exclude,
                      "solve_dtype": str(settings.solve_dtype).replace("torch.", ""), "device": str(device),
-                     "base": options.base},
+                     "base": options.base, "cache_dir": options.cache_dir, "caches": list(options.caches),
+                     "models": dict(options.models), "coefficients": dict(options.coefficients),
+                     "per_candidate": options.per_candidate, "max_shard_size": options.max_shard_size,
+                     "batch_memory": options.batch_memory},
         "layers": layers,
         "fallback_layers": sorted(fallback),
         "averaged": plan.averaged,
@@ -299,3 +304,20 @@ def build_report(options: MergeOptions, settings: MergeSettings, plan, candidate
                    "output_bytes": sum(spec.nbytes for spec in plan.outputs)},
         "timings": result["timings"],
     }
+
+
+def candidate_entry(candidate: Candidate) -> dict:
+    """A candidate in the report: where its weights and Grams came from, and what they were measured on."""
+    manifest = candidate.grams.manifest if candidate.grams else None
+    return {"name": candidate.name, "reference": candidate.reference, "cache": candidate.where if manifest else None,
+            "weights": candidate.weights.reference, "coefficient": candidate.coefficient,
+            # plan_merge checked a cache's fingerprint against the weights; without a cache, take it here
+            "fingerprint": manifest.model["fingerprint"] if manifest else fingerprint(candidate.weights),
+            "dataset": manifest.dataset if manifest else None, "examples": manifest.examples if manifest else None}
+
+
+def write_cards(folder: Path, report: dict, name: str) -> None:
+    """README.md model cards: the merged model's, and each per-candidate model's."""
+    write_card(folder, report, model_name=name)
+    for candidate, relative in report.get("per_candidate", {}).items():
+        write_card(folder / relative, report, model_name=f"{name}-{candidate}", candidate=candidate)

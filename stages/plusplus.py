@@ -37,9 +37,14 @@ from regmean_pipeline.plusplus.checkpoint import BlockwiseCheckpoints
 from regmean_pipeline.plusplus.collective import collective_for
 from regmean_pipeline.plusplus.runner import BlockwiseCandidate, BlockwiseMerge, BlockwiseSettings
 from regmean_pipeline.plusplus.skeleton import empty_model
-from stages.merge import REPORT_NAME, MergeOptions, build_report
+from stages.merge import REPORT_NAME, MergeOptions, build_report, write_cards
 
 log = logging.getLogger(__name__)
+
+
+# Options that decide which examples each candidate's blocks see, hence the merged bytes.
+DATA_SETTINGS = ("split", "text_column", "text_pair_column", "image_column", "num_examples", "seed", "max_length",
+                 "batch_size", "include_padding", "dtype", "accumulate_dtype")
 
 
 def run_plusplus(options: MergeOptions) -> dict:
@@ -133,7 +138,7 @@ def _run(options: MergeOptions, ranks: Ranks) -> dict:
         folder = resolve_model_dir(reference)
         configs.append(load_config(folder, trust_remote_code=options.trust_remote_code))
         candidates.append(Candidate(name, None, open_weights(folder, allow_pickle=options.allow_pickle),
-                                    float(options.coefficients.get(name, 1.0)), folder, str(folder)))
+                                    float(options.coefficients.get(name, 1.0)), folder, str(folder), reference))
     for candidate, config in zip(candidates[1:], configs[1:]):
         ours, theirs = architecture_of(configs[0]), architecture_of(config)
         if ours != theirs:
@@ -187,11 +192,14 @@ def _run(options: MergeOptions, ranks: Ranks) -> dict:
         copy_model_files(base_folder or candidates[0].model_dir, stage)
         report = build_report(options, settings, plan, candidates,
                               {"layers": result["layers"], "timings": result["timings"]}, device)
-        report["settings"].update(method="regmean++", ranks=ranks.world, data={
-            name: getattr(options, name) for name in ("split", "text_column", "text_pair_column", "image_column",
-                                                      "num_examples", "seed", "max_length", "batch_size",
-                                                      "include_padding", "dtype", "accumulate_dtype")})
-        report["settings"]["datasets"] = dict(options.datasets)
+        # the data options decide the merged bytes too (a model card's config gives them back)
+        report["settings"].update(method="regmean++", ranks=ranks.world, datasets=dict(options.datasets),
+                                  **{name: getattr(options, name) for name in DATA_SETTINGS})
+        for entry, (name, _) in zip(report["candidates"], options.models.items()):
+            entry["dataset"] = {"path": options.datasets[name], **{key: getattr(options, key) for key in (
+                "split", "text_column", "text_pair_column", "image_column", "num_examples", "seed", "max_length")}}
+            held = next((c for c in blockwise if c.name == name and c.batches is not None), None)
+            entry["examples"] = sum(len(next(iter(b.values()))) for b in held.batches) if held else None
         solved = {entry["weight"] for entry in report["layers"].values()}
         report["averaged"] = [name for name in plan.averaged if name not in solved]
         report["totals"].update(systems=len({entry["gram"] for entry in report["layers"].values()}),
@@ -207,6 +215,7 @@ def _run(options: MergeOptions, ranks: Ranks) -> dict:
                                                            progress=options.progress)
         report["timings"]["load_data_and_check"] = prepared - started
         report["timings"]["total"] = time.perf_counter() - started
+        write_cards(stage, report, out.resolve().name)
         write_json(stage / REPORT_NAME, report)
     if checkpoints is not None:
         checkpoints.clear()

@@ -178,6 +178,31 @@ def _publish(stage: Path, target: Path, *, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write a text file in one step: a reader sees the old file or the new one, never a part.
+
+    The new text goes to a hidden temporary file in the same folder, then is renamed over ``path``.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777  # the file keeps its permissions (mkstemp's are 0600)
+    except FileNotFoundError:
+        mode = 0o644
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}{STAGING_MARK}", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _exchange(first: Path, second: Path) -> bool:
     """Swap two folders atomically where the OS and file system can; False where they cannot."""
     try:

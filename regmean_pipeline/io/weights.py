@@ -123,6 +123,13 @@ class StateDictWeights:
         return self._tensors[name][start:stop]
 
 
+def is_hub_id(reference: str) -> bool:
+    """Whether a model or dataset reference names a hub repository rather than a local path (the rule
+    ``resolve_model_dir`` follows: a path that exists here, or one starting with '.', '/' or '~', is local)."""
+    return (not Path(reference).expanduser().exists() and not reference.startswith((".", "/", "~"))
+            and _HUB_ID.match(reference) is not None)
+
+
 def resolve_model_dir(reference: str, *, revision: str | None = None) -> Path:
     """A local folder as is; a hub id through the local Hugging Face cache (downloading if allowed)."""
     path = Path(reference).expanduser()
@@ -130,7 +137,7 @@ def resolve_model_dir(reference: str, *, revision: str | None = None) -> Path:
         return path.resolve()
     if path.exists():
         raise RegMeanError(f"model {reference}: is a file; give the model's folder")
-    if reference.startswith((".", "/", "~")) or not _HUB_ID.match(reference):
+    if not is_hub_id(reference):
         raise RegMeanError(f"model {reference}: no such folder")
     try:
         from huggingface_hub import snapshot_download

@@ -45,6 +45,7 @@ class Candidate:
     coefficient: float = 1.0
     model_dir: Path | None = None
     where: str = ""  # the cache's location, for messages
+    reference: str = ""  # the weights as the user or the cache named them (a path or a hub id), for records
 
 
 @dataclass

@@ -18,8 +18,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Records about a model that do not change its predictions (and may hold timestamps).
-RECORD_FILES = frozenset({"finetune.json", "merge_report.json"})
+# Records about a model that do not change its predictions (and may hold timestamps); README.md is the
+# model card, which `regmean eval` itself rewrites with the scores it keys.
+RECORD_FILES = frozenset({"finetune.json", "merge_report.json", "README.md"})
 _CHUNK = 1 << 24
 
 
