@@ -170,6 +170,29 @@ def test_a_task_arithmetic_card_round_trips(project, cli, monkeypatch):
     assert files(project / "ta-flags")["model.safetensors"] != files(project / "ta")["model.safetensors"]
 
 
+def test_a_regmean_plusplus_card_round_trips(project, cli, monkeypatch):
+    """RegMean++ reads its data while it merges: its card's block holds the datasets and data options,
+    and remakes the merge (and the per-candidate models and cards) bit for bit."""
+    monkeypatch.chdir(project)
+    pairs = [arg for name in TASKS for arg in ("--model", f"{name}=candidates/{name}",
+                                                "--dataset", f"{name}=tasks/{name}/train.jsonl")]
+    code, _, err = cli("merge", "--method", "regmean++", *pairs, "--exclude", HEAD, "--per-candidate",
+                       "--num-examples", 16, "--batch-size", 4, "--max-length", 12, "--out", "pp", "--device", "cpu")
+    assert code == 0, err
+    card = ModelCard.load(project / "pp" / "README.md")
+    assert card.data.tags == ["merge", "regmean++", "regmean-pipeline"] and "RegMean++" in card.text
+    config = yaml.safe_load(config_block(project / "pp" / "README.md"))
+    assert config["method"] == "regmean++" and config["datasets"]["beta"] == "tasks/beta/train.jsonl"
+    assert config["num_regmean_examples"] == 16 and config["max_length"] == 12 and config["batch_size"] == 4
+    report = read_json(project / "pp" / "merge_report.json")
+    assert set(report["settings"]) - RUN_ONLY <= set(OPTION_KEYS)
+    assert [c["examples"] for c in report["candidates"]] == [16, 16]
+    Path("pp.yaml").write_text(config_block(project / "pp" / "README.md"))
+    code, _, err = cli("merge", "--config", "pp.yaml", "--out", "again/pp", "--device", "cpu")
+    assert code == 0, err
+    assert files(project / "pp") == files(project / "again" / "pp")
+
+
 def test_eval_adds_the_accuracy_to_our_cards_only_and_keeps_the_score_key(project, cli, tmp_path):
     merged = tmp_path / "regmean"  # a copy: the module's merge stays as it was made
     shutil.copytree(project / "merged" / "per_candidate", merged)
