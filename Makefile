@@ -51,20 +51,23 @@ demo: $(call EXTRA_STAMP,demo)
 
 # The steps alone, on whatever DEMO_BASE / DEMO_DATA / DEMO_TASKS name (the tests run them on tiny models).
 demo-steps:
-	@echo "== 1/5 regmean finetune: one candidate per task from the base model (reused when already made)"
+	@echo "== 1/6 regmean finetune: one candidate per task from the base model (reused when already made)"
 	$(REGMEAN) finetune --base $(DEMO_BASE) $(foreach t,$(DEMO_TASKS),--task $(DEMO_DATA)/$(t)) --out $(DEMO_DIR)/candidates $(FINETUNE_ARGS)
-	@echo "== 2/5 regmean stats, once per candidate (256 training examples each)"
+	@echo "== 2/6 regmean stats, once per candidate (256 training examples each)"
 	$(foreach t,$(DEMO_TASKS),$(REGMEAN) stats --model $(DEMO_DIR)/candidates/$(t) --dataset $(DEMO_DATA)/$(t)/train.jsonl --max-length 64 --out $(DEMO_DIR)/caches/$(t) --overwrite &&) true
-	@echo "== 3/5 regmean merge (heads excluded; one deployable model per task under per_candidate/)"
+	@echo "== 3/6 regmean merge (heads excluded; one deployable model per task under per_candidate/)"
 	$(REGMEAN) merge --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(DEMO_DIR)/merged/regmean --overwrite $(MERGE_ARGS)
-	@echo "== 4/5 baselines on the same candidates: simple averaging, task arithmetic (scaling $(DEMO_SCALINGS))"
+	@echo "== 4/6 regmean merge --method regmean++: block by block on the merged model's own hidden states (same examples)"
+	$(REGMEAN) merge --method regmean++ $(foreach t,$(DEMO_TASKS),--model $(t)=$(DEMO_DIR)/candidates/$(t) --dataset $(t)=$(DEMO_DATA)/$(t)/train.jsonl) --max-length 64 --exclude 'classifier\..*' --per-candidate --out $(DEMO_DIR)/merged/regmean_plusplus --overwrite $(MERGE_ARGS)
+	@echo "== 5/6 baselines on the same candidates: simple averaging, task arithmetic (scaling $(DEMO_SCALINGS))"
 	$(REGMEAN) merge --method average --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(DEMO_DIR)/merged/average --overwrite
 	$(foreach s,$(DEMO_SCALINGS),$(REGMEAN) merge --method task-arithmetic --pretrained $(DEMO_BASE) --scaling $(s) --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(call TA_DIR,$(s)) --overwrite &&) true
-	@echo "== 5/5 regmean eval: each task's own head on each merged body, on the task's test set"
+	@echo "== 6/6 regmean eval: each task's own head on each merged body, on the task's test set"
 	$(REGMEAN) eval $(foreach t,$(DEMO_TASKS),--task $(DEMO_DATA)/$(t)) --method individual=$(DEMO_DIR)/candidates \
 	  --method average=$(DEMO_DIR)/merged/average/per_candidate \
 	  $(foreach s,$(DEMO_SCALINGS),--method task-arithmetic-$(s)=$(call TA_DIR,$(s))/per_candidate) \
-	  --method regmean=$(DEMO_DIR)/merged/regmean/per_candidate --out $(DEMO_DIR)/eval --overwrite --reuse-scores \
+	  --method regmean=$(DEMO_DIR)/merged/regmean/per_candidate \
+	  --method regmean++=$(DEMO_DIR)/merged/regmean_plusplus/per_candidate --out $(DEMO_DIR)/eval --overwrite --reuse-scores \
 	  --title "$(words $(DEMO_TASKS)) task models merged into one body, each task with its own head: test accuracy"
 
 # CPU benchmark side by side with FusionBench (bench/run.py; minutes). bench-gpu: one CUDA GPU.

@@ -81,7 +81,8 @@ def test_finetune_freeze_keeps_parameters_at_the_base(tiny_setup, cli, tmp_path)
 
 
 def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, cli, tmp_path):
-    """The Makefile's own demo steps (finetune, stats, merge, baselines, eval) on a tiny base and two tasks."""
+    """The Makefile's own demo steps (finetune, stats, merge, RegMean++, baselines, eval) on a tiny base and two
+    tasks."""
     if shutil.which("make") is None:
         pytest.fail("make is not installed; the demo is driven by the Makefile")
     base, tasks = tiny_setup
@@ -93,10 +94,10 @@ def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, cli, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "REGMEAN_DEBUG": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
-        assert f"== {step}" in result.stdout
+    for step in range(1, 7):
+        assert f"== {step}/6" in result.stdout
     results = read_json(demo / "eval" / "results.json")
-    assert list(results["methods"]) == ["individual", "average", "task-arithmetic-0.5", "regmean"]
+    assert list(results["methods"]) == ["individual", "average", "task-arithmetic-0.5", "regmean", "regmean++"]
     assert [t["name"] for t in results["tasks"]] == ["alpha", "beta"]
     scored = ("accuracy", "correct", "total")
     for task in ("alpha", "beta"):  # the candidates' own scores are taken from their fine-tuning records
@@ -112,8 +113,10 @@ def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, cli, tmp_path):
     table = (demo / "eval" / "results.md").read_text()
     assert table.splitlines()[0] == "| method | alpha | beta | average | vs. individual |"
     assert table in result.stdout and str(demo / "eval" / "accuracy.png") in result.stdout
-    assert json.loads((demo / "merged" / "regmean" / "per_candidate" / "beta" / "config.json").read_text())[
-        "id2label"] == {"0": "x", "1": "y", "2": "z"}
+    for method in ("regmean", "regmean_plusplus"):
+        assert json.loads((demo / "merged" / method / "per_candidate" / "beta" / "config.json").read_text())[
+            "id2label"] == {"0": "x", "1": "y", "2": "z"}
+    assert read_json(demo / "merged" / "regmean_plusplus" / "merge_report.json")["settings"]["method"] == "regmean++"
 
 
 def test_eval_reuses_scores_only_for_unchanged_models(tiny_setup, cli, tmp_path):
