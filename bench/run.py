@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
+from bench import plusplus
 from bench.fixtures import (
     FusionBenchStyleStats,
     TimedGrams,
@@ -238,6 +239,13 @@ def measure(work: Path, sizes: Sizes) -> dict:
         results[f"merge_{name}"] = merge_comparison(caches, work / name)
         results[f"cache_{name}"] = cache_ratio(next(p for p in sorted(caches.iterdir()) if p.is_dir()))
 
+    for name, root, k, examples in (("minilm", work / "minilm", 5, sizes.candidate_examples_minilm),
+                                    ("llama", llama_root, 4, sizes.candidate_examples_llama)):
+        log.info("RegMean++ vs RegMean stats + merge: %s", name)
+        results[f"plusplus_{name}"] = plusplus.compare(
+            root / "plusplus", {f"{name}_{i}": (root / f"{name}_{i}", root / f"task_{i}.jsonl") for i in range(k)},
+            examples=examples, batch_size=sizes.batch_size, max_length=sizes.max_length)
+
     log.info("merge: layer count doubled")
     merges = {}
     for label, layers in (("half", sizes.doubling_layers), ("full", 2 * sizes.doubling_layers)):
@@ -301,6 +309,8 @@ def table(results: dict) -> str:
     row(f"merge peak RSS MiB, Llama {d['shape']}, {d['layers'][0]} -> {d['layers'][1]} layers (K=2, "
         f"--batch-memory {d['batch_memory']})",
         f"{full / 2**20:.0f}", f"{half / 2**20:.0f}", f"{full / half:.2f}x", "<= 1.10x", full / half <= 1.10)
+    for name, label, k in (("minilm", "MiniLM-L6", 5), ("llama", "Llama-shaped", 4)):
+        rows += plusplus.rows(results[f"plusplus_{name}"], label, k)
     for name, label in (("minilm", "MiniLM-L6"), ("llama", "Llama-shaped")):
         disk, dense = results[f"cache_{name}"]
         row(f"cache {label}: MiB on disk vs float32 matrix per module", f"{disk / 2**20:.1f}",
