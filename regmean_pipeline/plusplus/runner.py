@@ -36,7 +36,7 @@ from regmean_pipeline.plusplus.block_calls import StackDriver, probe_output
 from regmean_pipeline.plusplus.collective import Collective
 from regmean_pipeline.plusplus.merge_unit import UnitCandidate, merge_unit
 from regmean_pipeline.plusplus.skeleton import empty_model, load_tensors, relative, release
-from regmean_pipeline.plusplus.stack import Units, find_block_stack, split_units
+from regmean_pipeline.plusplus.stack import Unit, Units, find_block_stack, split_units
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ class BlockwiseMerge:
         self.layers: dict[str, dict] = {}
         self.timings: list[dict] = []
         self.batches = 0  # solve batches
+        self.prefix_modules: set[str] = set()  # modules that run before the first block (plan_units)
+        self.merged_prefix: Mapping[str, torch.Tensor] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def _batches(self, index: int):
@@ -183,7 +185,7 @@ class BlockwiseMerge:
                 self.store.put((i, number), self.driver.run(block, call, self.store.get((i, number))))
         release(block)
 
-    def measure_tail(self, units: Units, merged_prefix: Mapping[str, torch.Tensor]) -> dict[int, GramStats]:
+    def measure_tail(self, units: Units) -> dict[int, GramStats]:
         """Each held candidate's own tail (its head included) on the merged trunk's output."""
         grams = {}
         tail = set(units.tail)
@@ -192,7 +194,7 @@ class BlockwiseMerge:
             model = empty_model(candidate.config, dtype=self.settings.forward_dtype,
                                 trust_remote_code=self.settings.trust_remote_code)
             driver = StackDriver(model, self.stack, self.driver.output)
-            load_tensors(model, merged_prefix, device=self.device, dtype=self.settings.forward_dtype)
+            load_tensors(model, self.merged_prefix, device=self.device, dtype=self.settings.forward_dtype)
             self._load(model, candidate.weights, [n for n in candidate.weights.names() if n in tail])
             tied = tied_parameter_names(model)
             layers = [layer for layer in find_linear_layers(model) if self.stack.block_of(layer.name) is None
@@ -205,6 +207,42 @@ class BlockwiseMerge:
             release(model)
         return grams
 
+    def _enter_stack(self, merged_prefix: Mapping[str, torch.Tensor]) -> None:
+        """The merged prefix in place, and every candidate's hidden states as it hands them to block 0."""
+        self.merged_prefix = merged_prefix
+        load_tensors(self.model, merged_prefix, device=self.device, dtype=self.settings.forward_dtype)
+        for i in self.local:
+            for number, batch in self._batches(i):
+                self.store.put((i, number), self.driver.record(batch, 0).hidden)
+
+    def _unit(self, unit: Unit, units: Units, earlier: dict[str, torch.Tensor] | None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One unit merged (or taken from an earlier run), and the seconds each of its steps took."""
+        seconds: dict[str, float] = {}
+
+        def timed(step: str, work: Callable[[], Any]) -> Any:
+            started = time.perf_counter()
+            result = work()
+            seconds[step] = time.perf_counter() - started
+            return result
+
+        names = list(unit.names)
+        merged = earlier
+        if merged is None:
+            if unit.kind == "prefix":
+                grams = dict.fromkeys(self.local, NO_GRAMS)  # averaged: nothing to measure
+            elif unit.kind == "block":
+                grams = timed("grams_s", lambda: self.measure_block(unit.index, names))
+            else:
+                grams = timed("grams_s", lambda: self.measure_tail(units))
+            merged = timed("solve_s", lambda: self._merge(unit.label, names, grams))
+            del grams
+        if unit.kind == "prefix":
+            timed("advance_s", lambda: self._enter_stack(merged))
+        elif unit.kind == "block":
+            timed("advance_s", lambda: self.advance(unit.index, merged))
+        return merged, seconds
+
     def run(self, sink: Sink, *, resumed: Callable[[str], dict[str, torch.Tensor] | None] = lambda label: None,
             unit_done: Callable[[UnitDone], None] = lambda done: None) -> dict:
         """Merge every unit in order. ``resumed(label)`` returns a unit merged by an earlier run (then only
@@ -212,46 +250,19 @@ class BlockwiseMerge:
         started = time.perf_counter()
         with torch.inference_mode():
             units = self.plan_units()
-            bar = tqdm(total=len(units.blocks) + 2, desc="regmean++", unit="unit", disable=not self.progress)
             try:
-                for label, names in units.ordered():
+                for unit in tqdm(units.ordered(), desc="regmean++", unit="unit", disable=not self.progress):
                     unit_started = time.perf_counter()
-                    earlier = resumed(label)
-                    timing: dict[str, Any] = {"unit": label, "parameters": len(names), "resumed": earlier is not None}
-                    if label == "prefix":
-                        merged = earlier if earlier is not None else self._merge(label, names, dict.fromkeys(
-                            self.local, NO_GRAMS))
-                        merged_prefix = merged
-                        load_tensors(self.model, merged, device=self.device, dtype=self.settings.forward_dtype)
-                        for i in self.local:
-                            for number, batch in self._batches(i):
-                                self.store.put((i, number), self.driver.record(batch, 0).hidden)
-                    elif label == "tail":
-                        measured = time.perf_counter()
-                        grams = self.measure_tail(units, merged_prefix) if earlier is None else None
-                        timing["grams_s"] = time.perf_counter() - measured
-                        merged = earlier if earlier is not None else self._merge(label, names, grams)
-                    else:
-                        index = int(label.split()[1])
-                        measured = time.perf_counter()
-                        grams = self.measure_block(index, names) if earlier is None else None
-                        solved = time.perf_counter()
-                        merged = earlier if earlier is not None else self._merge(label, names, grams)
-                        del grams
-                        advanced = time.perf_counter()
-                        self.advance(index, merged)
-                        timing.update(grams_s=solved - measured, solve_s=advanced - solved,
-                                      advance_s=time.perf_counter() - advanced)
+                    earlier = resumed(unit.label)
+                    merged, seconds = self._unit(unit, units, earlier)
                     for name, tensor in merged.items():
                         sink(name, tensor)
-                    timing["seconds"] = time.perf_counter() - unit_started
-                    self.timings.append(timing)
-                    unit_names = set(names)
-                    unit_done(UnitDone(label, merged, {n: e for n, e in self.layers.items()
-                                                       if e["weight"] in unit_names}))
-                    bar.update()
+                    self.timings.append({"unit": unit.label, "parameters": len(unit.names),
+                                         "resumed": earlier is not None, **seconds,
+                                         "seconds": time.perf_counter() - unit_started})
+                    unit_done(UnitDone(unit.label, merged, {n: e for n, e in self.layers.items()
+                                                            if e["weight"] in set(unit.names)}))
             finally:
-                bar.close()
                 self.store.close()
         return {"layers": self.layers, "units": self.timings, "batches": self.batches,
                 "stack": {"path": self.stack.path, "blocks": self.stack.length, "block_class": self.stack.block_class},

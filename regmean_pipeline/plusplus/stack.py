@@ -63,6 +63,19 @@ def find_block_stack(model: nn.Module) -> BlockStack:
     return BlockStack(path, len(module), type(module[0]).__name__)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What RegMean++ merges in one step: the prefix, block ``index`` of the stack, or the tail."""
+
+    kind: str  # "prefix", "block" or "tail"
+    names: tuple[str, ...]  # its stored parameter names
+    index: int | None = None  # the block's position in the stack
+
+    @property
+    def label(self) -> str:
+        return f"block {self.index}" if self.kind == "block" else self.kind
+
+
 @dataclass
 class Units:
     """Stored parameter names by unit: prefix, one list per block, tail."""
@@ -71,10 +84,11 @@ class Units:
     blocks: list[list[str]]
     tail: list[str]
 
-    def ordered(self) -> list[tuple[str, list[str]]]:
-        """(label, names) in the order RegMean++ merges them."""
-        return [("prefix", self.prefix)] + [(f"block {i}", names) for i, names in enumerate(self.blocks)] \
-            + [("tail", self.tail)]
+    def ordered(self) -> list[Unit]:
+        """The units in the order RegMean++ merges them."""
+        return [Unit("prefix", tuple(self.prefix))] \
+            + [Unit("block", tuple(names), index) for index, names in enumerate(self.blocks)] \
+            + [Unit("tail", tuple(self.tail))]
 
 
 def split_units(names: list[str], stack: BlockStack, prefix_modules: set[str]) -> Units:
