@@ -30,6 +30,8 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "gram_weighting": ((str,), "gram_weighting"),
     "format": ((str,), "format"),
     "device": ((str,), "device"),
+    "tokens": ((str,), "tokens"),
+    "attn_implementation": ((str,), "attn_implementation"),
 }
 IGNORED = {"_target_", "name", "_recursive_"}
 

@@ -16,10 +16,14 @@ from pathlib import Path
 
 import torch
 
+from regmean_pipeline.io.adapters import is_adapter
+from regmean_pipeline.io.weights import adapter_base_dir
+
 log = logging.getLogger(__name__)
 
 # Records about a model that do not change its predictions (and may hold timestamps).
 RECORD_FILES = frozenset({"finetune.json", "merge_report.json"})
+SCORE_FIELDS = (("accuracy", "correct", "total"), ("loss", "perplexity", "tokens"))  # a classifier's, an LM's
 _CHUNK = 1 << 24
 
 
@@ -35,9 +39,13 @@ def model_digest(folder: Path) -> str:
 
 
 def score_key(folder: Path, task_checksum: str, *, max_length: int, batch_size: int, device: torch.device) -> dict:
-    """Everything an accuracy depends on (batch size included: padding moves logits by rounding)."""
-    return {"model": model_digest(folder), "task": task_checksum, "max_length": max_length,
-            "batch_size": batch_size, "device": torch.device(device).type, "torch": torch.__version__}
+    """Everything a score depends on (batch size included: padding moves logits by rounding); a LoRA
+    adapter's score depends on its base's files too."""
+    key = {"model": model_digest(folder), "task": task_checksum, "max_length": max_length,
+           "batch_size": batch_size, "device": torch.device(device).type, "torch": torch.__version__}
+    if is_adapter(folder):
+        key["base_model"] = model_digest(adapter_base_dir(Path(folder)))
+    return key
 
 
 def _key_id(key: dict) -> str:
@@ -51,8 +59,9 @@ class ScoreBook:
         self._scores: dict[str, dict] = {}
 
     def add(self, key: dict | None, scores: dict) -> None:
-        if isinstance(key, dict) and {"accuracy", "correct", "total"} <= set(scores):
-            self._scores[_key_id(key)] = {k: scores[k] for k in ("accuracy", "correct", "total")}
+        fields = next((f for f in SCORE_FIELDS if set(f) <= set(scores)), None)
+        if isinstance(key, dict) and fields is not None:
+            self._scores[_key_id(key)] = {k: scores[k] for k in fields}
 
     def find(self, key: dict) -> dict | None:
         found = self._scores.get(_key_id(key))
