@@ -25,7 +25,7 @@ from regmean_pipeline.testing import CHAT_TASKS, WORDS, make_chat_tokenizer, tin
 
 log = logging.getLogger("demos.llm")
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 @dataclass
@@ -34,11 +34,11 @@ class Recipe:
 
     hidden: int = 64
     layers: int = 2
-    base_steps: int = 100
-    adapter_steps: int = 200
+    base_steps: int = 200
+    adapter_steps: int = 300
     batch_size: int = 32
-    learning_rate: float = 3e-3
-    rank: int = 8
+    learning_rate: float = 1e-2
+    rank: int = 32
     n_train: int = 512
     n_test: int = 128
     seed: int = 0
@@ -152,12 +152,13 @@ def run(out: Path, recipe: Recipe, *, device: str = "cpu") -> dict:
     """The whole walk-through; returns eval's results (also in OUT/eval/results.json and results.md)."""
     out = Path(out)
     prepare(out, recipe)
-    for name in CHAT_TASKS:
-        regmean("stats", "--model", out / "adapters" / name, "--dataset", out / "tasks" / name / "train.jsonl",
-                "--messages-column", "messages", "--num-examples", recipe.stats_examples, "--device", device,
-                "--out", out / "caches" / name, "--overwrite")
     merged = out / "merged"
-    regmean("merge", "--cache-dir", out / "caches", "--out", merged / "regmean", "--device", device, "--overwrite")
+    for tokens, caches, target in (("all", "caches", "regmean"), ("response", "caches-response", "regmean_response")):
+        for name in CHAT_TASKS:
+            regmean("stats", "--model", out / "adapters" / name, "--dataset", out / "tasks" / name / "train.jsonl",
+                    "--messages-column", "messages", "--tokens", tokens, "--num-examples", recipe.stats_examples,
+                    "--device", device, "--out", out / caches / name, "--overwrite")
+        regmean("merge", "--cache-dir", out / caches, "--out", merged / target, "--device", device, "--overwrite")
     regmean("merge", "--method", "average", "--cache-dir", out / "caches", "--out", merged / "average",
             "--device", device, "--overwrite")
     for scaling in recipe.scalings:
@@ -166,7 +167,7 @@ def run(out: Path, recipe: Recipe, *, device: str = "cpu") -> dict:
                 "--overwrite")
     methods = [f"base={out / 'base'}", f"individual={out / 'adapters'}", f"average={merged / 'average'}"]
     methods += [f"task-arithmetic-{s}={merged / f'task_arithmetic_{s}'}" for s in recipe.scalings]
-    methods += [f"regmean={merged / 'regmean'}"]
+    methods += [f"regmean={merged / 'regmean'}", f"regmean-response-tokens={merged / 'regmean_response'}"]
     regmean("eval", *[f"--task={out / 'tasks' / name}" for name in CHAT_TASKS],
             *[f"--method={method}" for method in methods], "--reference", "individual", "--device", device,
             "--out", out / "eval", "--overwrite", "--reuse-scores",

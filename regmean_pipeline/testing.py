@@ -201,7 +201,7 @@ _FILLERS = ("the", "a", "it", "this", "that", "and", "or", "with", "for", "of", 
 CHAT_TASKS = ("sentiment", "topic", "question")
 
 
-def chat_example(task: str, rng: random.Random, *, fillers: int = 4) -> dict:
+def chat_example(task: str, rng: random.Random, *, fillers: int = 2) -> dict:
     """One conversation of a chat task: the user gives the instruction and some words, the assistant
     answers in one word (the sentiment, the topic, or the question word the words hold)."""
     if task not in CHAT_TASKS:

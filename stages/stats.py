@@ -133,8 +133,9 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
         else options.dataset
     spec = DatasetSpec(dataset, options.split, options.text_column, options.text_pair_column,
                        options.image_column, options.num_examples, options.seed, options.max_length,
-                       options.messages_column, list(options.prompt_columns), options.response_column,
-                       options.system_column, options.target_column, options.tokens)
+                       messages_column=options.messages_column, prompt_columns=list(options.prompt_columns),
+                       response_column=options.response_column, system_column=options.system_column,
+                       target_column=options.target_column, tokens=options.tokens)
     examples = select_share(load_examples(spec, images=images), shard, ranks)
     identity = {"fingerprint": weights_fingerprint, "dataset": spec.as_dict(),
                 "examples": examples_digest(examples, spec) if checkpointed else "", "batch_size": options.batch_size,

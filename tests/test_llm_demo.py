@@ -21,7 +21,8 @@ def walkthrough(tmp_path_factory):
 
 def test_walkthrough_trains_adapters_merges_and_scores_every_method(walkthrough):
     out, results = walkthrough
-    assert list(results["methods"]) == ["base", "individual", "average", "task-arithmetic-0.5", "regmean"]
+    assert list(results["methods"]) == ["base", "individual", "average", "task-arithmetic-0.5", "regmean",
+                                        "regmean-response-tokens"]
     assert [t["name"] for t in results["tasks"]] == list(CHAT_TASKS)
     assert {t["metric"] for t in results["tasks"]} == {"loss"}
     for name in CHAT_TASKS:
@@ -30,6 +31,9 @@ def test_walkthrough_trains_adapters_merges_and_scores_every_method(walkthrough)
         manifest = json.loads((out / "caches" / name / "manifest.json").read_text())
         assert manifest["examples"] == TINY.stats_examples and manifest["model"]["base_model"] == adapter[
             "base_model_name_or_path"]
+        response = json.loads((out / "caches-response" / name / "manifest.json").read_text())
+        assert response["dataset"]["tokens"] == "response"
+        assert {g["tokens"] for g in response["grams"].values()} == {2 * TINY.stats_examples}  # answer + end
         training = json.loads((out / "adapters" / name / "training.json").read_text())
         for method in results["methods"].values():
             scores = method["per_task"][name]
