@@ -142,6 +142,31 @@ def test_chat_grams_equal_float64_reference(tokens, llm, cli, tmp_path):
             assert reference["rows"][name] == assistant_tokens
 
 
+@pytest.mark.parametrize("kind, config", [
+    ("llama_causal", {"target_modules": ["q_proj", "down_proj", "lm_head"], "use_rslora": True}),
+    ("gpt2", {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True, "modules_to_save": ["score"]}),
+])
+def test_adapter_weights_equal_peft_merge_and_unload(kind, config, workspace, tmp_path):
+    """Every tensor (and rows of it) as LoraWeights reads it equals the model peft merges: rsLoRA's scale,
+    a targeted LM head saved whole, GPT-2's transposed Conv1D weights, modules saved whole."""
+    base = workspace.model(kind, 1)
+    cls = getattr(transformers, json.loads((base / "config.json").read_text())["architectures"][0])
+    torch.manual_seed(0)
+    model = peft.get_peft_model(cls.from_pretrained(base), peft.LoraConfig(r=4, lora_alpha=6, init_lora_weights=False,
+                                                                          **config))
+    if "modules_to_save" in config:
+        with torch.no_grad():
+            model.base_model.model.score.modules_to_save["default"].weight.add_(1.0)
+    model.save_pretrained(tmp_path / "adapter")
+    expected = model.merge_and_unload().state_dict()
+    weights = open_weights(tmp_path / "adapter")
+    assert weights.changed()
+    for name in weights.names():
+        assert torch.allclose(weights.get(name), expected[name], atol=1e-6), name
+        rows = weights.shape(name)[0]
+        assert torch.allclose(weights.rows(name, 1, min(rows, 5)), expected[name][1:5], atol=1e-6), name
+
+
 def test_adapter_stats_equal_stats_of_the_adapter_merged_by_peft(llm, cli, tmp_path):
     adapter = llm["adapters"]["sentiment"]
     full = merged_checkpoint(adapter, tmp_path / "merged-by-peft")

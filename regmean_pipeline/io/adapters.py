@@ -106,6 +106,7 @@ class LoraWeights:
             raise RegMeanError(f"{path}: not a readable safetensors file ({exc})") from None
         self.updates: dict[str, _Update] = {}
         self.replaced: dict[str, str] = {}  # base name -> adapter tensor saved whole
+        self._last_factors: tuple[_Update, torch.Tensor, torch.Tensor] | None = None
         self._index(path)
 
     def _index(self, path: Path) -> None:
@@ -169,10 +170,17 @@ class LoraWeights:
     def dtype(self, name: str) -> torch.dtype:
         return self.base.dtype(name)
 
+    def _factors(self, update: _Update) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in float32; the last pair is kept, since a fingerprint samples one tensor 16 times."""
+        cached = self._last_factors
+        if cached is None or cached[0] is not update:
+            cached = self._last_factors = (update, self.adapter.read(update.a).float(),
+                                           self.adapter.read(update.b).float())
+        return cached[1], cached[2]
+
     def _delta(self, update: _Update, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """scale * B @ A in float32, in the weight's stored orientation, rows start:stop of it."""
-        a = self.adapter.read(update.a).float()
-        b = self.adapter.read(update.b).float()
+        a, b = self._factors(update)
         if self.config.fan_in_fan_out:  # stored (in, out): rows are A's columns
             a = a if start is None else a[:, start:stop]
             return (b @ a).mul_(self.config.scale).T

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from regmean_pipeline.measure.chat import ChatEncoder
+from regmean_pipeline.measure.chat import ChatEncoder, Encoded
 
 
 @torch.inference_mode()
@@ -21,7 +21,7 @@ def response_loss(model: torch.nn.Module, tokenizer, conversations: list[list[di
     device = next(model.parameters()).device
     encoded = ChatEncoder(tokenizer).encode(conversations)
     if max_length:
-        encoded = [type(e)(e.ids[:max_length], e.response[:max_length]) for e in encoded]
+        encoded = [Encoded(e.ids[:max_length], e.response[:max_length]) for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, tokens = 0.0, 0
