@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo demo-steps bench bench-gpu docs cli-docs clean
+.PHONY: install test demo demo-steps llm-demo bench bench-gpu docs cli-docs clean
 
 install: $(STAMP)
 
@@ -69,6 +69,13 @@ demo-steps:
 	  --method regmean=$(DEMO_DIR)/merged/regmean/per_candidate \
 	  --method regmean++=$(DEMO_DIR)/merged/regmean_plusplus/per_candidate --out $(DEMO_DIR)/eval --overwrite --reuse-scores \
 	  --title "$(words $(DEMO_TASKS)) task models merged into one body, each task with its own head: test accuracy"
+
+# The LLM walk-through (docs/llm.md): a tiny Llama, three chat tasks, one LoRA adapter each (trained here,
+# reused when there), merged with RegMean and the baselines, scored by response loss. LLM_ARGS: recipe flags.
+LLM_DIR ?= outputs/llm-demo
+LLM_ARGS ?=
+llm-demo: $(call EXTRA_STAMP,llm)
+	$(PY) -m demos.llm --out $(LLM_DIR) $(LLM_ARGS)
 
 # CPU benchmark side by side with FusionBench (bench/run.py; minutes). bench-gpu: one CUDA GPU.
 bench: $(call EXTRA_STAMP,bench)

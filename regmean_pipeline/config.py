@@ -31,6 +31,8 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "gram_weighting": ((str,), "gram_weighting"),
     "format": ((str,), "format"),
     "device": ((str,), "device"),
+    "tokens": ((str,), "tokens"),
+    "attn_implementation": ((str,), "attn_implementation"),
     # `regmean merge` only: which candidates, and how to combine them
     "method": ((str,), "method"),
     "caches": ((list,), "caches"),

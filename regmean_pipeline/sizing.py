@@ -21,6 +21,8 @@ from torch import nn
 from regmean_pipeline.cache.manifest import LayerEntry
 from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.adapters import ADAPTER_WEIGHTS, is_adapter
+from regmean_pipeline.io.weights import adapter_base_dir
 from regmean_pipeline.measure.linear import find_linear_layers
 from regmean_pipeline.measure.models import forward_inputs, load_config, model_class, tied_parameter_names
 from regmean_pipeline.measure.passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
@@ -63,7 +65,10 @@ def meta_model(config, *, dtype: torch.dtype, trust_remote_code: bool = False) -
 def _meta_batch(model: nn.Module, config, length: int = 8) -> dict[str, torch.Tensor]:
     accepted = forward_inputs(model)
     if "input_ids" in accepted:
-        return {"input_ids": torch.zeros(1, length, dtype=torch.long, device="meta")}
+        batch = {"input_ids": torch.zeros(1, length, dtype=torch.long, device="meta")}
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in accepted:
+            batch["decoder_input_ids"] = batch["input_ids"]  # the decoder runs too: its Grams are counted
+        return batch
     if "pixel_values" in accepted:
         size = getattr(config, "image_size", 224)
         return {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size, device="meta")}
@@ -86,6 +91,8 @@ class RunSizes:
     merge_peak_bytes: int  # solve batch working set + reads in flight, or the largest averaged tensor
     output_bytes: int
     candidates: int
+    adapter_bytes: int = 0  # a LoRA adapter candidate's own file; its base's weights are weight_bytes
+    base_model: str | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +104,9 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
              trust_remote_code: bool = False) -> RunSizes:
     if candidates < 1:
         raise RegMeanError(f"--candidates: must be at least 1, got {candidates}")
-    config = config_of(reference, trust_remote_code=trust_remote_code)
+    adapter = Path(reference).expanduser() if is_adapter(Path(reference).expanduser()) else None
+    base_dir = adapter_base_dir(adapter) if adapter is not None else None  # the Grams are the base model's
+    config = config_of(base_dir or reference, trust_remote_code=trust_remote_code)
     declared = getattr(config, "dtype", None) if Version(transformers.__version__) >= Version("4.56") \
         else getattr(config, "torch_dtype", None)
     weight_dtype = getattr(torch, dtype or str(declared or "float32").replace("torch.", ""))
@@ -150,6 +159,8 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
         merge_peak_bytes=peak,
         output_bytes=output_bytes,
         candidates=candidates,
+        adapter_bytes=(adapter / ADAPTER_WEIGHTS).stat().st_size if adapter and (adapter / ADAPTER_WEIGHTS).is_file() else 0,
+        base_model=str(base_dir) if base_dir else None,
     )
 
 
@@ -165,8 +176,12 @@ def human(size: int) -> str:
 def table(sizes: RunSizes) -> str:
     """The sizes as a Markdown table: per candidate, and for all K candidates."""
     k = sizes.candidates
+    weights = [("candidate weights", human(sizes.weight_bytes), human(k * sizes.weight_bytes))]
+    if sizes.base_model:  # adapters: each candidate is its adapter file, over one base read by all
+        weights = [("LoRA adapter file", human(sizes.adapter_bytes), human(k * sizes.adapter_bytes)),
+                   ("base model weights (shared)", human(sizes.weight_bytes), human(sizes.weight_bytes))]
     rows = [
-        ("candidate weights", human(sizes.weight_bytes), human(k * sizes.weight_bytes)),
+        *weights,
         ("Gram cache on disk", human(sizes.cache_bytes), human(k * sizes.cache_bytes)),
         ("stats: Gram accumulators", human(sizes.accumulator_bytes), f"{human(sizes.accumulator_bytes)} in each of {k} jobs"),
         ("stats: largest single Gram", human(sizes.largest_gram_bytes), ""),
@@ -177,6 +192,8 @@ def table(sizes: RunSizes) -> str:
             f"{sizes.grams} Grams")
     if sizes.stats_passes > 1:
         head += f"; {sizes.stats_passes} passes over the data under --max-gram-memory"
+    if sizes.base_model:
+        head += f"; LoRA adapter candidates of {sizes.base_model} (Grams and cache are the base model's)"
     lines = [head, "", f"| | per candidate | {k} candidates |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {one} | {all_} |" for name, one, all_ in rows]
     return "\n".join(lines)

@@ -45,9 +45,42 @@ def make_tokenizer(folder: Path | str) -> transformers.PreTrainedTokenizerFast:
 
 VOCAB_SIZE = len(SPECIALS) + len(WORDS)
 
+# Chat models: the word vocabulary plus a chat template's control tokens and the chat tasks' instructions.
+CHAT_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_WORDS = ["sentiment", "topic", "question"]
+CHAT_VOCAB_SIZE = VOCAB_SIZE + len(CHAT_SPECIALS) + len(CHAT_WORDS)
+# Each turn is "<|role|> content <|end|>"; {% generation %} marks the assistant's tokens for
+# apply_chat_template(return_assistant_tokens_mask=True).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>\n{% generation %}{{ message['content'] }}<|end|>"
+    "{% endgeneration %}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+PLAIN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+def make_chat_tokenizer(folder: Path | str, *, template: str | None = CHAT_TEMPLATE) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer with a chat template (``None``: without one), saved into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(WORDS) + CHAT_SPECIALS + CHAT_WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="<|end|>", model_max_length=64,
+        additional_special_tokens=CHAT_SPECIALS,
+    )
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
 
 def tiny_config(kind: str, **overrides) -> transformers.PretrainedConfig:
-    """Small configs of the architectures users merge: bert, roberta, gpt2, llama, clip_vision."""
+    """Small configs of the architectures users merge: bert, roberta, gpt2, llama, llama_causal, t5, clip_vision."""
     hidden, layers, heads, ffn = 32, 2, 4, 64
     if kind == "bert":
         config = transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
@@ -67,6 +100,19 @@ def tiny_config(kind: str, **overrides) -> transformers.PretrainedConfig:
                                           num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn,
                                           max_position_embeddings=64, pad_token_id=0, bos_token_id=2, eos_token_id=3,
                                           architectures=["LlamaForSequenceClassification"])
+    elif kind == "llama_causal":  # a decoder LLM as users merge them: Llama-family, untied head, chat tokenizer
+        config = transformers.LlamaConfig(vocab_size=CHAT_VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                                          num_attention_heads=heads, num_key_value_heads=2, intermediate_size=ffn,
+                                          max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
+                                          eos_token_id=VOCAB_SIZE + 3, tie_word_embeddings=False,
+                                          architectures=["LlamaForCausalLM"])
+    elif kind == "t5":  # Flan-T5 style: gated feed-forward, untied head
+        config = transformers.T5Config(vocab_size=CHAT_VOCAB_SIZE, d_model=hidden, d_kv=hidden // heads, d_ff=ffn,
+                                       num_layers=layers, num_decoder_layers=layers, num_heads=heads,
+                                       feed_forward_proj="gated-gelu", pad_token_id=0,
+                                       eos_token_id=VOCAB_SIZE + 3, decoder_start_token_id=0,
+                                       architectures=["T5ForConditionalGeneration"])
+        config.tie_word_embeddings = False  # T5Config's constructor ties them whatever it is told
     elif kind == "clip_vision":
         config = transformers.CLIPVisionConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                                                num_attention_heads=heads, image_size=32, patch_size=8,
@@ -91,6 +137,8 @@ def save_model(model: torch.nn.Module, folder: Path | str) -> Path:
     model.save_pretrained(str(folder))
     if isinstance(model.config, transformers.CLIPVisionConfig):
         transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    elif model.config.architectures[0].endswith(("ForCausalLM", "ForConditionalGeneration")):
+        make_chat_tokenizer(folder)
     else:
         make_tokenizer(folder)
     return folder
@@ -141,4 +189,42 @@ def write_classification_task(folder: Path | str, labels: list[str], n_train: in
                 words.insert(rng.randrange(len(words) + 1), cues[label])
                 f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
     (folder / "labels.json").write_text(json.dumps({"labels": list(labels), "train": n_train, "test": n_test}) + "\n")
+    return folder
+
+
+# Three chat tasks over the same kind of input, each asking another question of it: every input holds a
+# sentiment cue, a topic cue and a question word among fillers, so only the instruction tells which to answer.
+SENTIMENT_CUES = {"good": ("great", "good", "brilliant", "love"), "bad": ("bad", "awful", "dull", "hate")}
+TOPIC_CUES = {"movie": ("film", "plot", "actor", "scene"), "phone": ("battery", "screen", "price", "works")}
+QUESTION_WORDS = ("what", "who", "where", "when", "why", "how")
+_FILLERS = ("the", "a", "it", "this", "that", "and", "or", "with", "for", "of", "in", "on", "to", "very", "not")
+CHAT_TASKS = ("sentiment", "topic", "question")
+
+
+def chat_example(task: str, rng: random.Random, *, fillers: int = 2) -> dict:
+    """One conversation of a chat task: the user gives the instruction and some words, the assistant
+    answers in one word (the sentiment, the topic, or the question word the words hold)."""
+    if task not in CHAT_TASKS:
+        raise ValueError(f"unknown chat task {task!r}")
+    sentiment, topic = rng.choice(sorted(SENTIMENT_CUES)), rng.choice(sorted(TOPIC_CUES))
+    question = rng.choice(QUESTION_WORDS)
+    words = [rng.choice(SENTIMENT_CUES[sentiment]), rng.choice(TOPIC_CUES[topic]), question]
+    words += [rng.choice(_FILLERS) for _ in range(rng.randint(0, fillers))]
+    rng.shuffle(words)
+    answer = {"sentiment": sentiment, "topic": topic, "question": question}[task]
+    return {"messages": [{"role": "user", "content": " ".join([task] + words)},
+                         {"role": "assistant", "content": answer}]}
+
+
+def write_chat_task(folder: Path | str, task: str, n_train: int = 64, n_test: int = 32, seed: int = 0,
+                    **kwargs) -> Path:
+    """A chat task folder as regmean eval reads it: task.json (kind chat), train.jsonl and test.jsonl of messages."""
+    rng = random.Random(f"{task}-{seed}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with (folder / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                f.write(json.dumps(chat_example(task, rng, **kwargs)) + "\n")
+    (folder / "task.json").write_text(json.dumps({"kind": "chat", "instruction": task}) + "\n")
     return folder

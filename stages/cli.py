@@ -110,7 +110,7 @@ PLUSPLUS = "RegMean++ (--method regmean++)"
 
 @app.command()
 def stats(
-    model: Annotated[str, typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures).")],
+    model: Annotated[str, typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures); a folder with adapter_config.json is a LoRA adapter over its base.")],
     dataset: Annotated[str, typer.Option(help="Task data: a .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk folder, or a hub id.")],
     out: Annotated[Optional[str], typer.Option(help="Cache folder to write (default: CACHE_DIR/<model folder name> from the config).")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (saved folders and hub datasets).")] = "train",
@@ -135,6 +135,14 @@ def stats(
     max_gram_memory: Annotated[Optional[str], typer.Option(help="Memory for all Gram accumulators together (e.g. 40GiB); when they need more, the layers are split into groups with one pass over the data each.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Save a checkpoint (beside OUT, in .OUT.checkpoint/) every N batches; 0: never.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint an interrupted run left (same inputs and options); without one, start from the beginning.")] = False,
+    messages_column: Annotated[Optional[str], typer.Option(help="Chat data: column of {role, content} message lists, rendered with the tokenizer's chat template.")] = None,
+    prompt_column: Annotated[Optional[list[str]], typer.Option(help="Alpaca-style chat data: column(s) joined into the user's message (repeatable: --prompt-column instruction --prompt-column input).")] = None,
+    response_column: Annotated[Optional[str], typer.Option(help="Alpaca-style chat data: the assistant's response column (e.g. output).")] = None,
+    system_column: Annotated[Optional[str], typer.Option(help="Alpaca-style chat data: an optional system message column.")] = None,
+    target_column: Annotated[Optional[str], typer.Option(help="Encoder-decoders (T5): the column fed to the decoder as labels, beside --text-column.")] = None,
+    tokens: Annotated[Optional[str], typer.Option(help="Rows that count: all (every real token, as RegMean) or response (the assistant's tokens only) [default: all].")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="A LoRA adapter's base model (default: base_model_name_or_path of its adapter_config.json).")] = None,
+    attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel passed to the model: eager, sdpa, flash_attention_2 (GPU).")] = None,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -170,6 +178,9 @@ def stats(
             allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet, shard=shard,
             device_map=device_map, max_gram_memory=max_gram_memory,
             checkpoint_every=checkpoint_every, resume=resume,
+            messages_column=messages_column, prompt_columns=list(prompt_column or []), response_column=response_column,
+            system_column=system_column, target_column=target_column, tokens=pick(tokens, cfg, "tokens", "all"),
+            base_model=base_model, attn_implementation=pick(attn_implementation, cfg, "attn_implementation", None),
         ))
 
     _run(action, debug=debug)
@@ -324,7 +335,7 @@ def finetune(
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(help="A model folder, its config.json, or a hub id; only the config is read.")],
+    model: Annotated[str, typer.Option(help="A model folder, its config.json, or a hub id; only the config is read (a LoRA adapter folder: its base's, and the adapter file's size).")],
     candidates: Annotated[int, typer.Option(help="Number of candidates to merge.")] = 2,
     dtype: Annotated[Optional[str], typer.Option(help="Weight dtype \\[default: the config's torch_dtype, else float32].")] = None,
     accumulate_dtype: Annotated[str, typer.Option(help="Gram accumulation dtype: float32 or float64.")] = "float32",
@@ -387,9 +398,9 @@ def plan(
 
 @app.command("eval")
 def evaluate(
-    task: Annotated[list[str], typer.Option(help="Task folder with test.jsonl and labels.json (repeatable).")],
-    method: Annotated[list[str], typer.Option(help="LABEL=FOLDER (repeatable): FOLDER holds one model folder per task name, e.g. a candidates folder or a merge's OUT/per_candidate.")],
-    out: Annotated[str, typer.Option(help="Folder for results.json, results.md (the table) and accuracy.png.")],
+    task: Annotated[list[str], typer.Option(help="Task folder with test.jsonl and labels.json (classification: accuracy) or task.json (chat: response loss) (repeatable).")],
+    method: Annotated[list[str], typer.Option(help="LABEL=FOLDER (repeatable): FOLDER holds one model folder (or LoRA adapter) per task name, e.g. a candidates folder or a merge's OUT/per_candidate, or is itself one model for every task (a merged LLM).")],
+    out: Annotated[str, typer.Option(help="Folder for results.json, results.md (the table) and accuracy.png (the chart).")],
     reference: Annotated[str, typer.Option(help="Method label the others are compared with, when present.")] = "individual",
     batch_size: Annotated[int, typer.Option(help="Test examples per forward pass.")] = 64,
     max_length: MaxLength = 64,
@@ -400,7 +411,8 @@ def evaluate(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Score each method per task on the tasks' test sets; print the table, write JSON and a bar chart."""
+    """Score each method per task on the tasks' test sets (accuracy, or a causal LM's response loss and
+    perplexity); print the table, write JSON and a bar chart."""
     _setup_logging(quiet, debug)
 
     def action():

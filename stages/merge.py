@@ -130,7 +130,9 @@ def open_candidates(options: MergeOptions) -> list[Candidate]:
             model_dir = resolve_model_dir(reference)
         except RegMeanError as exc:
             raise RegMeanError(f"candidate {name}: {exc} (set its weights with --model {name}=PATH)") from None
-        return Candidate(name, grams, open_weights(model_dir, allow_pickle=options.allow_pickle),
+        # An adapter's base as its stats run found it, unless --model points the candidate elsewhere.
+        base_model = grams.manifest.model.get("base_model") if grams and name not in options.models else None
+        return Candidate(name, grams, open_weights(model_dir, allow_pickle=options.allow_pickle, base_model=base_model),
                          float(options.coefficients.get(name, 1.0)), model_dir, where or str(model_dir), reference)
 
     candidates = []
@@ -207,7 +209,8 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
             if not ranks.is_main:
                 return {}
             result = gather_rank_results(stage, ranks.world)
-        copy_model_files(base_folder or candidates[0].model_dir, stage)
+        copy_model_files(base_folder or candidates[0].model_dir, stage,
+                         base_dir=None if base_folder else getattr(candidates[0].weights, "base_dir", None))
         report = build_report(options, settings, plan, candidates, result, device)
         if options.per_candidate:
             report["per_candidate"] = export_per_candidate(stage, open_weights(stage), candidates,

@@ -6,7 +6,7 @@ import contextlib
 import datetime
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,10 +18,11 @@ from regmean_pipeline.cache.shards import ShardSpec
 from regmean_pipeline.cache.store import write_cache
 from regmean_pipeline.distributed import Ranks, process_group, rank_device, share
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.adapters import is_adapter
 from regmean_pipeline.io.atomic import check_folder_target, output_lock, published_folder
 from regmean_pipeline.io.model_folder import parse_size
 from regmean_pipeline.io.storage import Folder
-from regmean_pipeline.io.weights import fingerprint, open_weights, resolve_model_dir
+from regmean_pipeline.io.weights import adapter_base_dir, fingerprint, open_weights, resolve_model_dir
 from regmean_pipeline.measure.checkpoint import StatsCheckpoints
 from regmean_pipeline.measure.data import DatasetSpec, examples_digest, load_examples, make_loader
 from regmean_pipeline.measure.gram import collect_grams
@@ -71,6 +72,14 @@ class StatsOptions:
     max_gram_memory: str | None = None  # bound on all accumulators together; more passes when exceeded
     checkpoint_every: int = 0  # save a checkpoint every N batches (0: never)
     resume: bool = False  # continue from the checkpoint an interrupted run left
+    messages_column: str | None = None  # chat data (see DatasetSpec)
+    prompt_columns: list[str] = field(default_factory=list)
+    response_column: str | None = None
+    system_column: str | None = None
+    target_column: str | None = None  # an encoder-decoder's labels
+    tokens: str = "all"  # "response": only the assistant's tokens count
+    base_model: str | None = None  # a LoRA adapter's base, instead of the one its config names
+    attn_implementation: str | None = None  # passed to from_pretrained (sdpa, flash_attention_2, eager)
 
 
 def run_stats(options: StatsOptions) -> Manifest:
@@ -116,12 +125,17 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
                            "or --overwrite to start over")
 
     folder = resolve_model_dir(options.model)
-    weights_fingerprint = fingerprint(open_weights(folder, allow_pickle=options.allow_pickle)) if ranks.is_main else ""
+    weights_fingerprint = fingerprint(open_weights(folder, allow_pickle=options.allow_pickle,
+                                                   base_model=options.base_model)) if ranks.is_main else ""
+    base_dir = adapter_base_dir(folder, options.base_model) if is_adapter(folder) else None
     images = options.image_column is not None
     dataset = str(Path(options.dataset).expanduser().resolve()) if Path(options.dataset).expanduser().exists() \
         else options.dataset
     spec = DatasetSpec(dataset, options.split, options.text_column, options.text_pair_column,
-                       options.image_column, options.num_examples, options.seed, options.max_length)
+                       options.image_column, options.num_examples, options.seed, options.max_length,
+                       messages_column=options.messages_column, prompt_columns=list(options.prompt_columns),
+                       response_column=options.response_column, system_column=options.system_column,
+                       target_column=options.target_column, tokens=options.tokens)
     examples = select_share(load_examples(spec, images=images), shard, ranks)
     identity = {"fingerprint": weights_fingerprint, "dataset": spec.as_dict(),
                 "examples": examples_digest(examples, spec) if checkpointed else "", "batch_size": options.batch_size,
@@ -130,11 +144,13 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
     if options.resume and out.exists():
         return _already_complete(out.local_path, identity)
     model = load_model(folder, dtype=forward_dtype, device=device, trust_remote_code=options.trust_remote_code,
-                       allow_pickle=options.allow_pickle, device_map=options.device_map)
+                       allow_pickle=options.allow_pickle, device_map=options.device_map,
+                       base_model=options.base_model, attn_implementation=options.attn_implementation)
     check_finite_parameters(model, str(folder))
     if options.device_map:
         device = input_device(model)
-    preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code)
+    preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code,
+                                     base_model=options.base_model)
     if not images and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = preprocessor.pad_token_id  # sequence-classification heads need it to pool
     reference = options.model if not Path(options.model).expanduser().exists() else str(folder)
@@ -144,7 +160,8 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
             stats,
             model={"reference": reference, "architecture": architecture_of(model.config),
                    "model_type": getattr(model.config, "model_type", ""), "fingerprint": weights_fingerprint,
-                   "config": config_summary(model.config)},
+                   "config": config_summary(model.config),
+                   **({"base_model": str(base_dir)} if base_dir is not None else {})},
             dataset=spec.as_dict(),
             storage=options.format, forward_dtype=options.dtype, accumulate_dtype=options.accumulate_dtype,
             include_padding=options.include_padding, tool=f"regmean-pipeline {__version__}",

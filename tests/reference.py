@@ -18,16 +18,25 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
 
 
-def capture_grams(model: nn.Module, examples: list[dict[str, torch.Tensor]], *, per_example: bool = True) -> dict:
-    """Float64 X^T X and row counts of every linear layer's input over the examples (unpadded)."""
+def capture_grams(model: nn.Module, examples: list[dict[str, torch.Tensor]], *, per_example: bool = True,
+                  counted: list[list[bool]] | None = None) -> dict:
+    """Float64 X^T X and row counts of every linear layer's input over the examples (unpadded).
+
+    ``counted[i]``, when given, keeps only those positions of example i (a decoder-only model, one
+    sequence per example): the response tokens of chat data. An encoder-decoder's examples carry
+    ``labels``, so its decoder layers see the targets and its cross-attention the encoder's output.
+    """
     model64 = copy.deepcopy(model).double().eval()
     grams: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     handles = []
+    keep: list[np.ndarray | None] = [None]
 
     def hook(name):
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double().numpy()
+            if keep[0] is not None:
+                x = x[keep[0]]
             grams[name] = grams.get(name, 0) + x.T @ x
             rows[name] = rows.get(name, 0) + x.shape[0]
         return fn
@@ -35,7 +44,8 @@ def capture_grams(model: nn.Module, examples: list[dict[str, torch.Tensor]], *, 
     for name, module in linear_modules(model64).items():
         handles.append(module.register_forward_pre_hook(hook(name)))
     with torch.no_grad():
-        for example in examples:
+        for index, example in enumerate(examples):
+            keep[0] = np.asarray(counted[index], dtype=bool) if counted is not None else None
             inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in example.items()}
             model64(**inputs)
     for handle in handles:

@@ -7,6 +7,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from regmean_pipeline.io.adapters import ADAPTER_FILES
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf")
@@ -14,15 +16,20 @@ NOT_COPIED = {"README.md", ".gitattributes", "merge_report.json", "model.safeten
               "pytorch_model.bin.index.json", "finetune.json"}  # records of how a candidate was made
 
 
-def copy_model_files(source: Path, target: Path) -> list[str]:
-    """Config, generation config, tokenizer and processor files: every top-level file but weights."""
-    copied = []
+def copy_model_files(source: Path, target: Path, *, base_dir: Path | None = None) -> list[str]:
+    """Config, generation config, tokenizer and processor files: every top-level file but weights.
+
+    For a LoRA adapter folder, pass its base model's folder as ``base_dir``: the base gives the config
+    and tokenizer, and the adapter's own files (its tokenizer, chat template) replace those.
+    """
+    copied = copy_model_files(base_dir, target) if base_dir is not None else []
     for path in sorted(Path(source).iterdir()):
-        if not path.is_file() or path.name in NOT_COPIED or path.name.endswith(WEIGHT_SUFFIXES):
+        if not path.is_file() or path.name in NOT_COPIED or path.name in ADAPTER_FILES \
+                or path.name.endswith(WEIGHT_SUFFIXES):
             continue
         shutil.copyfile(path, Path(target) / path.name)
         copied.append(path.name)
-    return copied
+    return sorted(set(copied))
 
 
 def parse_size(text: str | int) -> int:

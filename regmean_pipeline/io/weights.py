@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.adapters import LoraWeights, is_adapter, read_adapter_config
 from regmean_pipeline.io.paths import inside
 from regmean_pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsReader
 
@@ -149,8 +150,31 @@ def resolve_model_dir(reference: str, *, revision: str | None = None) -> Path:
     return Path(folder)
 
 
-def open_weights(folder: Path, *, allow_pickle: bool = False) -> WeightSource:
-    """The checkpoint in a model folder; pickle-based files only when the user opted in."""
+def adapter_base_dir(folder: Path, base_model: str | None = None) -> Path:
+    """The base model folder of a LoRA adapter folder: ``base_model`` when given, else its config's."""
+    reference = base_model or read_adapter_config(folder).base_reference
+    if reference is None:
+        raise RegMeanError(f"{folder}/adapter_config.json: names no base_model_name_or_path; give the base with "
+                           "--base-model PATH")
+    try:
+        base_dir = resolve_model_dir(reference)
+    except RegMeanError as exc:
+        raise RegMeanError(f"adapter {folder}: its base {exc}; give the base with --base-model PATH") from None
+    if is_adapter(base_dir):
+        raise RegMeanError(f"adapter {folder}: its base {base_dir} is itself an adapter; give a full checkpoint")
+    return base_dir
+
+
+def open_weights(folder: Path, *, allow_pickle: bool = False, base_model: str | None = None) -> WeightSource:
+    """The checkpoint in a model folder; pickle-based files only when the user opted in.
+
+    A LoRA adapter folder is its base (``base_model``, else the one its config names) with the adapter
+    applied on every read (``LoraWeights``).
+    """
+    folder = Path(folder)
+    if is_adapter(folder):
+        base_dir = adapter_base_dir(folder, base_model)
+        return LoraWeights(read_adapter_config(folder), open_weights(base_dir, allow_pickle=allow_pickle), base_dir)
     if any(folder.glob("*.safetensors")):
         return SafetensorsCheckpoint(folder)
     pickles = sorted(folder.glob("pytorch_model*.bin"))

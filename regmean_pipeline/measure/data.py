@@ -9,13 +9,15 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.measure.chat import ChatEncoder, check_messages
+from regmean_pipeline.measure.gram import ROW_MASK_KEY
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ COUNT_MEANINGS = {
     "skipped_undecodable": "examples skipped: image cannot be decoded",
     "truncated": "examples truncated to max_length tokens",
 }
+TOKEN_MODES = ("all", "response")  # which real tokens count: every one (RegMean), or the assistant's only
+ROW_INDEX = "_regmean_row"  # the example's row in the file, carried so a bad row can be named by its line
 
 
 @dataclass
@@ -42,9 +46,19 @@ class DatasetSpec:
     num_examples: int = 256
     seed: int = 0
     max_length: int | None = None
+    messages_column: str | None = None  # chat data: a list of {"role", "content"} per example
+    prompt_columns: list[str] = field(default_factory=list)  # Alpaca-style: joined into the user's message
+    response_column: str | None = None  # ... and the assistant's
+    system_column: str | None = None
+    target_column: str | None = None  # encoder-decoders: the decoder's labels
+    tokens: str = "all"
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages_column is not None or self.response_column is not None
 
 
 def _load_any(spec: DatasetSpec):
@@ -115,13 +129,15 @@ def load_examples(spec: DatasetSpec, *, images: bool):
     """The first N examples after a seeded shuffle, with the columns checked and chosen."""
     dataset = _load_any(spec)
     columns = list(dataset.column_names)
+    _check_token_mode(spec)
     if images:
         spec.image_column = _pick_column(spec, "image_column", spec.image_column, IMAGE_COLUMNS, columns)
+    elif spec.is_chat:
+        _check_chat_columns(spec, columns)
     else:
         spec.text_column = _pick_column(spec, "text_column", spec.text_column, TEXT_COLUMNS, columns)
-        if spec.text_pair_column is not None and spec.text_pair_column not in columns:
-            raise RegMeanError(f"dataset {spec.path}: no column {spec.text_pair_column!r} for --text-pair-column "
-                               f"(columns: {', '.join(columns)})")
+        for flag, column in (("--text-pair-column", spec.text_pair_column), ("--target-column", spec.target_column)):
+            _check_column(spec, flag, column, columns)
     if len(dataset) == 0:
         raise RegMeanError(f"dataset {spec.path}: empty (split {spec.split!r})")
     if spec.num_examples < 1:
@@ -129,6 +145,8 @@ def load_examples(spec: DatasetSpec, *, images: bool):
     count = min(spec.num_examples, len(dataset))
     if count < spec.num_examples:
         log.warning("dataset %s has %d examples; using all of them (asked for %d)", spec.path, count, spec.num_examples)
+    if spec.is_chat:  # the shuffle depends on the seed and the length only, so the selection is unchanged
+        dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
     examples = dataset.shuffle(seed=spec.seed).select(range(count))
     if images:
         import datasets
@@ -137,11 +155,75 @@ def load_examples(spec: DatasetSpec, *, images: bool):
             # Decoded by the collator, which can skip an undecodable image instead of crashing the loader.
             examples = examples.cast_column(spec.image_column, datasets.Image(decode=False))
     _check_readable(examples, spec)
+    if spec.is_chat:
+        for row in examples.select_columns(used_columns(spec) + [ROW_INDEX]):
+            conversation_of(row, spec)
     return examples
 
 
 def used_columns(spec: DatasetSpec) -> list[str]:
-    return [c for c in (spec.text_column, spec.text_pair_column, spec.image_column) if c is not None]
+    columns = (spec.text_column, spec.text_pair_column, spec.image_column, spec.messages_column, *spec.prompt_columns,
+               spec.response_column, spec.system_column, spec.target_column)
+    return [c for c in columns if c is not None]
+
+
+def _check_token_mode(spec: DatasetSpec) -> None:
+    if spec.tokens not in TOKEN_MODES:
+        raise RegMeanError(f"--tokens: {spec.tokens!r} is not one of {', '.join(TOKEN_MODES)}")
+    if spec.tokens == "response" and not spec.is_chat:
+        raise RegMeanError("--tokens response: needs chat data (--messages-column, or --prompt-column and "
+                           "--response-column) to know which tokens are the assistant's")
+
+
+def _check_column(spec: DatasetSpec, flag: str, column: str | None, columns: list[str]) -> None:
+    if column is not None and column not in columns:
+        raise RegMeanError(f"dataset {spec.path}: no column {column!r} for {flag} (columns: {', '.join(columns)})")
+
+
+def _check_chat_columns(spec: DatasetSpec, columns: list[str]) -> None:
+    if spec.messages_column is not None and (spec.prompt_columns or spec.response_column or spec.system_column):
+        raise RegMeanError("--messages-column: give it, or --prompt-column/--response-column/--system-column, not both")
+    if spec.response_column is not None and not spec.prompt_columns:
+        raise RegMeanError("--response-column: needs --prompt-column (the user's side of each example)")
+    if spec.text_column is not None or spec.text_pair_column is not None:
+        raise RegMeanError("--text-column/--text-pair-column: not with chat data (--messages-column or "
+                           "--prompt-column/--response-column)")
+    if spec.target_column is not None:
+        raise RegMeanError("--target-column: not with chat data; the assistant's response is the target")
+    for flag, column in (("--messages-column", spec.messages_column), ("--response-column", spec.response_column),
+                         ("--system-column", spec.system_column), *(("--prompt-column", c) for c in spec.prompt_columns)):
+        _check_column(spec, flag, column, columns)
+
+
+def row_place(spec: DatasetSpec, row: Mapping) -> str:
+    """Where an example is in its data, for messages: the line of a JSON Lines file, else the row."""
+    index = row.get(ROW_INDEX)
+    if index is None:
+        return f"dataset {spec.path}"
+    if Path(spec.path).suffix.lower() == ".jsonl":
+        return f"dataset {spec.path}: line {index + 1}"
+    return f"dataset {spec.path}: row {index}"
+
+
+def _text_or_none(spec: DatasetSpec, row: Mapping, column: str) -> str | None:
+    value = row[column]
+    if value is not None and not isinstance(value, str):
+        raise RegMeanError(f"{row_place(spec, row)}: column {column!r} holds {type(value).__name__}, not text")
+    return value if value is not None and value.strip() else None
+
+
+def conversation_of(row: Mapping, spec: DatasetSpec) -> list[dict] | None:
+    """The example as messages (Alpaca-style columns mapped to system/user/assistant); None when empty."""
+    if spec.messages_column is not None:
+        value = row[spec.messages_column]
+        return check_messages(value, row_place(spec, row)) or None if value is not None else None
+    prompt = "\n\n".join(text for column in spec.prompt_columns if (text := _text_or_none(spec, row, column)))
+    response = _text_or_none(spec, row, spec.response_column)
+    if not prompt or response is None:
+        return None
+    system = _text_or_none(spec, row, spec.system_column) if spec.system_column else None
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def _check_readable(examples, spec: DatasetSpec) -> None:
@@ -237,7 +319,7 @@ class TextCollator:
         return [len(next(kept)) if u else 0 for u in usable]
 
 
-def longest_first(examples, collate: TextCollator, chunk: int = 1024) -> list[int]:
+def longest_first(examples, collate: TextCollator | SequenceCollator, chunk: int = 1024) -> list[int]:
     """Indices of the examples, longest first, so each batch holds similar lengths and little padding.
 
     The same examples are used, only in another order (Gram sums do not depend on it, up to
@@ -278,6 +360,115 @@ class ImageCollator:
         encoded = self.processor(images=images, return_tensors="pt")
         batch = {key: value for key, value in encoded.items() if key in self.accepted}
         return {**batch, **_counts(skipped_undecodable=len(rows) - len(images))}
+
+
+@dataclass
+class _Sequences:
+    """One example as token ids: the model's input, the tokens that count (None: all real ones), and an
+    encoder-decoder's target."""
+
+    ids: list[int]
+    counted: list[int] | None = None
+    target: list[int] | None = None
+
+    def truncated(self, max_length: int) -> tuple[_Sequences, bool]:
+        cut = len(self.ids) > max_length or (self.target is not None and len(self.target) > max_length)
+        counted = self.counted[:max_length] if self.counted is not None else None
+        return _Sequences(self.ids[:max_length], counted, self.target[:max_length] if self.target else None), cut
+
+
+def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+class SequenceCollator:
+    """Chat data, or an encoder-decoder's source and target, as one right-padded batch.
+
+    Decoder-only models see each conversation rendered by the chat template; with ``tokens ==
+    "response"`` the batch also carries ``ROW_MASK_KEY``, the assistant's tokens, which the Gram hooks
+    count instead of the attention mask (never a model input). Encoder-decoders get the prompt as the
+    encoder's input and the response (or ``target_column``) as the decoder's labels, so the decoder's and
+    cross-attention's layers see what they see in training.
+    """
+
+    def __init__(self, tokenizer, spec: DatasetSpec, accepted: set[str], max_length: int, *, encoder_decoder: bool):
+        self.tokenizer, self.spec, self.accepted, self.max_length = tokenizer, spec, accepted, max_length
+        self.encoder_decoder = encoder_decoder
+        if encoder_decoder and spec.tokens == "response":
+            raise RegMeanError("--tokens response: for decoder-only models; an encoder-decoder's decoder already "
+                               "sees only the response, and its encoder only the prompt")
+        if encoder_decoder and "labels" not in accepted:
+            raise RegMeanError("the model's forward takes no labels, so its decoder cannot be fed the targets; "
+                               "load it with its generation head (config.architectures)")
+        if not encoder_decoder and spec.target_column is not None:
+            raise RegMeanError("--target-column: for encoder-decoder models (T5); a decoder-only model reads chat "
+                               "data with --messages-column or --prompt-column/--response-column")
+        self.chat = ChatEncoder(tokenizer) if spec.messages_column or (spec.is_chat and not encoder_decoder) else None
+
+    def _text_ids(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
+        return [list(ids) for ids in self.tokenizer(texts, pairs)["input_ids"]]
+
+    def _sequences(self, rows: list[dict]) -> list[_Sequences | None]:
+        """Each row's token ids before truncation (None for an empty row)."""
+        spec = self.spec
+        if not spec.is_chat:  # an encoder-decoder's text and target columns
+            kept = [i for i, row in enumerate(rows) if all(_text_or_none(spec, row, c) for c in used_columns(spec))]
+            sources = self._text_ids([rows[i][spec.text_column] for i in kept],
+                                     [rows[i][spec.text_pair_column] for i in kept] if spec.text_pair_column else None)
+            targets = self._text_ids([rows[i][spec.target_column] for i in kept])
+            found = {i: _Sequences(source, target=target) for i, source, target in zip(kept, sources, targets)}
+            return [found.get(i) for i in range(len(rows))]
+        conversations = [conversation_of(row, spec) for row in rows]
+        kept = [i for i, conversation in enumerate(conversations) if conversation]
+        if not self.encoder_decoder:
+            encoded = self.chat.encode([conversations[i] for i in kept])
+            counted = spec.tokens == "response"
+            found = {i: _Sequences(e.ids, e.response if counted else None) for i, e in zip(kept, encoded)}
+        elif self.chat is not None:
+            parts = [self.chat.split_last_response(conversations[i], row_place(spec, rows[i])) for i in kept]
+            targets = self._text_ids([target for _, target in parts])
+            found = {i: _Sequences(source, target=target) for i, (source, _), target in zip(kept, parts, targets)}
+        else:  # prompt/response columns: the encoder reads the prompt as plain text, as T5 was trained
+            prompts = [(m[0]["content"] + "\n\n" if len(m) == 3 else "") + m[-2]["content"]
+                       for m in (conversations[i] for i in kept)]
+            sources = self._text_ids(prompts)
+            targets = self._text_ids([conversations[i][-1]["content"] for i in kept])
+            found = {i: _Sequences(source, target=target) for i, source, target in zip(kept, sources, targets)}
+        return [found.get(i) for i in range(len(rows))]
+
+    def _truncated(self, rows: list[dict]) -> tuple[list[_Sequences], int, int]:
+        """The usable rows' sequences cut to max_length, and how many rows were empty and cut."""
+        sequences = [s for s in self._sequences(rows) if s is not None]
+        cut = [s.truncated(self.max_length) for s in sequences]
+        return [s for s, _ in cut], len(rows) - len(sequences), sum(was_cut for _, was_cut in cut)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        sequences, empty, truncated = self._truncated(rows)
+        if not sequences:
+            return _counts(skipped_empty=empty)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = [s.ids for s in sequences]
+        batch = {"input_ids": _padded(ids, pad), "attention_mask": _padded([[1] * len(i) for i in ids], 0)}
+        if self.encoder_decoder:
+            targets = [s.target for s in sequences]
+            batch["labels"] = _padded(targets, -100)
+            batch["decoder_attention_mask"] = _padded([[1] * len(t) for t in targets], 0)
+        batch = {key: value for key, value in batch.items() if key in self.accepted}
+        if sequences[0].counted is not None:
+            batch[ROW_MASK_KEY] = _padded([s.counted for s in sequences], 0).bool()
+        return {**batch, **_counts(skipped_empty=empty, truncated=truncated)}
+
+    def lengths(self, rows: list[dict]) -> list[int]:
+        """Tokens per row once truncated (source and target together), 0 for empty rows."""
+        lengths = []
+        for sequence in self._sequences(rows):
+            if sequence is None:
+                lengths.append(0)
+                continue
+            cut, _ = sequence.truncated(self.max_length)
+            lengths.append(len(cut.ids) + len(cut.target or ()))
+        return lengths
 
 
 class Batches:
@@ -323,11 +514,18 @@ def make_loader(examples, preprocessor, spec: DatasetSpec, *, accepted: set[str]
     if batch_size < 1:
         raise RegMeanError(f"--batch-size: must be at least 1, got {batch_size}")
     order = None
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if spec.image_column is not None:
         collate = ImageCollator(preprocessor, spec, accepted)
     else:
         max_length = spec.max_length or default_max_length(preprocessor, config)
-        collate = TextCollator(preprocessor, spec, accepted, max_length)
+        if spec.is_chat or spec.target_column is not None or encoder_decoder:
+            if encoder_decoder and not spec.is_chat and spec.target_column is None:
+                raise RegMeanError("an encoder-decoder model (T5) needs its decoder fed: give --target-column, or chat "
+                                   "data (--messages-column, or --prompt-column and --response-column)")
+            collate = SequenceCollator(preprocessor, spec, accepted, max_length, encoder_decoder=encoder_decoder)
+        else:
+            collate = TextCollator(preprocessor, spec, accepted, max_length)
         order = longest_first(examples, collate)
     order = (order or list(range(len(examples))))[skip_batches * batch_size:]
     loader = DataLoader(examples, batch_size=batch_size, sampler=order, num_workers=num_workers,

@@ -17,6 +17,10 @@ from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
 
 log = logging.getLogger(__name__)
 
+# A batch key that is not a model input: the (batch, sequence) positions whose rows count, used instead
+# of the attention mask (``--tokens response``: the assistant's tokens only).
+ROW_MASK_KEY = "_regmean_counted_rows"
+
 
 @dataclass
 class GramStats:
@@ -74,7 +78,9 @@ class GramAccumulator:
         self._tokens: dict[str, int] = {}
         self._pass_inputs: dict[int, tuple[torch.Tensor, str]] = {}
         self._mask: torch.Tensor | None = None
-        self._masks_by_device: dict[torch.device, torch.Tensor] = {}
+        self._decoder_mask: torch.Tensor | None = None
+        self._encoder_output: torch.Tensor | None = None
+        self._masks_by_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._handles: list = []
         self._batches = 0
 
@@ -83,7 +89,20 @@ class GramAccumulator:
         for name in self.layers:
             hook = functools.partial(self._on_input, name)
             self._handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+        self._track_encoder_decoder()
         return self
+
+    def _track_encoder_decoder(self) -> None:
+        """Once an encoder-decoder's encoder has run, the rows are the decoder's (its stack and the LM head
+        after it), except the encoder's output itself, which cross-attention reads."""
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "is_encoder_decoder", False) or not hasattr(self.model, "get_encoder"):
+            return
+
+        def remember_output(module, args, output) -> None:
+            self._encoder_output = output[0] if isinstance(output, (tuple, Mapping)) else output  # ModelOutput too
+
+        self._handles.append(self.model.get_encoder().register_forward_hook(remember_output))
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -92,15 +111,22 @@ class GramAccumulator:
         self._pass_inputs.clear()
 
     @contextlib.contextmanager
-    def batch(self, attention_mask: torch.Tensor | None, num_examples: int) -> Iterator[None]:
-        """Wrap one forward pass; ``attention_mask`` marks the rows that count (None: all)."""
-        self._mask = None if self.include_padding or attention_mask is None else attention_mask.bool()
+    def batch(self, attention_mask: torch.Tensor | None, num_examples: int, *,
+              counted_rows: torch.Tensor | None = None, decoder_mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Wrap one forward pass; ``attention_mask`` marks the rows that count (None: all), unless
+        ``counted_rows`` is given, which always applies; ``decoder_mask``: an encoder-decoder's decoder rows."""
+        if counted_rows is not None and self.include_padding:
+            raise RegMeanError("--include-padding: counts every position, which contradicts counting only some "
+                               "tokens (--tokens response); leave one of them out")
+        self._mask = counted_rows.bool() if counted_rows is not None else \
+            None if self.include_padding or attention_mask is None else attention_mask.bool()
+        self._decoder_mask = None if self.include_padding or decoder_mask is None else decoder_mask.bool()
         self._masks_by_device.clear()
         try:
             yield
         finally:
             self._pass_inputs.clear()
-            self._mask = None
+            self._mask = self._decoder_mask = self._encoder_output = None
             self._masks_by_device.clear()
         self._batches += 1
         self.examples += num_examples
@@ -128,15 +154,16 @@ class GramAccumulator:
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, d) view of the input, padded positions left out when a mask applies."""
-        mask = self._mask
+        decoder_rows = self._encoder_output is not None and x is not self._encoder_output
+        mask = self._decoder_mask if decoder_rows else self._mask
         if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             if mask.device != x.device:
-                mask = self._masks_by_device.setdefault(x.device, mask.to(x.device))
+                mask = self._masks_by_device.setdefault((id(mask), x.device), mask.to(x.device))
             return x[mask].reshape(-1, x.shape[-1])
         return x.reshape(-1, x.shape[-1])
 
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
-        rows = self._rows(x.detach()).to(self.accumulate_dtype)
+        rows = self._rows(x).detach().to(self.accumulate_dtype)  # x itself: _rows tells inputs apart by identity
         total = self._sums.get(key)
         if total is None:
             dim = rows.shape[-1]
@@ -203,6 +230,11 @@ def batch_size_of(batch: Mapping[str, torch.Tensor]) -> int:
     return len(next(iter(batch.values())))
 
 
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the keys that only the hooks read."""
+    return {key: value for key, value in batch.items() if key != ROW_MASK_KEY}
+
+
 def collect_grams(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -230,8 +262,10 @@ def collect_grams(
         with torch.inference_mode():
             for batch in batches:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                counted_rows = batch.pop(ROW_MASK_KEY, None)
                 size = batch_size_of(batch)
-                with acc.batch(batch.get("attention_mask"), size):
+                with acc.batch(batch.get("attention_mask"), size, counted_rows=counted_rows,
+                               decoder_mask=batch.get("decoder_attention_mask")):
                     model(**batch)
                 if progress is not None:
                     progress.update(size)

@@ -12,6 +12,8 @@ from packaging.version import Version
 from torch import nn
 
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.adapters import LoraWeights, is_adapter
+from regmean_pipeline.io.weights import adapter_base_dir, open_weights
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +72,58 @@ def model_class(config, *, trust_remote_code: bool = False) -> type:
 
 
 def load_model(folder: Path, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False,
-               allow_pickle: bool = False, device_map: str | None = None) -> nn.Module:
-    config = load_config(folder, trust_remote_code=trust_remote_code)
+               allow_pickle: bool = False, device_map: str | None = None, base_model: str | None = None,
+               attn_implementation: str | None = None) -> nn.Module:
+    """The candidate with its own head; a LoRA adapter folder is loaded as its base with the adapter
+    merged in memory, from the very tensors the merge reads (``LoraWeights``)."""
+    adapter = open_weights(folder, allow_pickle=allow_pickle, base_model=base_model) if is_adapter(folder) else None
+    source = adapter.base_dir if adapter is not None else folder
+    config = load_config(source, trust_remote_code=trust_remote_code)
     cls = model_class(config, trust_remote_code=trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle else True}
     kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
     if device_map:
         kwargs["device_map"] = device_map
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
-        model = cls.from_pretrained(str(folder), config=config, **kwargs)
+        model = cls.from_pretrained(str(source), config=config, **kwargs)
     except Exception as exc:  # OSError, ValueError, and a refused or damaged pickle (UnpicklingError)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RegMeanError(f"{folder}: cannot load the model ({first})") from None
+        raise RegMeanError(f"{source}: cannot load the model ({first})") from None
+    if adapter is not None:
+        apply_adapter(model, adapter)
     if not device_map:
         model.to(device)
     return model.eval()
 
 
-def load_preprocessor(folder: Path, *, images: bool, trust_remote_code: bool = False):
+def apply_adapter(model: nn.Module, adapter: LoraWeights) -> None:
+    """Replace the adapted tensors of a loaded base model by their merged values, where they live."""
+    state = model.state_dict(keep_vars=True)
+    tied = tied_parameter_names(model)
+    with torch.no_grad():
+        for name in adapter.changed():
+            tensor = state.get(name)
+            if tensor is None or name in tied:
+                raise RegMeanError(f"adapter {adapter.reference}: changes {name}, which the model "
+                                   f"{type(model).__name__} has not as a parameter of its own (absent, or tied)")
+            if tensor.device.type == "meta":
+                raise RegMeanError(f"adapter {adapter.reference}: {name} is offloaded by --device-map; an adapter "
+                                   "candidate must fit the devices (or merge it into its base first)")
+            tensor.copy_(adapter.get(name))
+
+
+def preprocessor_folder(folder: Path, base_model: str | None = None) -> Path:
+    """Where a candidate's tokenizer lives: the folder, or for an adapter without one, its base."""
+    if not is_adapter(folder) or any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
+        return folder
+    return adapter_base_dir(folder, base_model)
+
+
+def load_preprocessor(folder: Path, *, images: bool, trust_remote_code: bool = False, base_model: str | None = None):
     """The candidate's own tokenizer (text) or image processor (images)."""
+    folder = preprocessor_folder(Path(folder), base_model)
     try:
         if images:
             return transformers.AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)

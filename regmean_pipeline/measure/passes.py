@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.measure.gram import GramAccumulator, GramStats, batch_size_of, collect_grams
+from regmean_pipeline.measure.gram import GramAccumulator, GramStats, batch_size_of, collect_grams, model_inputs
 from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def collect_grams_in_passes(
     first = next(iter(batches), None)
     if first is None:
         raise RegMeanError("no batches to accumulate")
-    keys = detect_gram_keys(model, {k: v.to(device) for k, v in first.items()})
+    keys = detect_gram_keys(model, {k: v.to(device) for k, v in model_inputs(first).items()})
     groups = gram_groups(layers, keys)
     passes = plan_passes(groups, budget, accumulate_dtype)
     needed = sum(gram_bytes(members[0].in_features, accumulate_dtype) for members in groups.values())

@@ -201,10 +201,13 @@ def record_accuracy(folder: Path, *, task: str, scores: dict[str, Any], key: dic
     # plain JSON values: the key holds str subclasses (torch's version) that YAML would tag as Python objects
     settings = json.loads(json.dumps({name: key[name] for name in ("max_length", "batch_size", "device", "torch")
                                       if name in key}))
+    if "accuracy" in scores:  # a classifier's test accuracy
+        metric, value, counted = "accuracy", scores["accuracy"], {"examples": scores["total"]}
+    else:  # a language model's mean response loss (regmean eval on a chat task)
+        metric, value, counted = "loss", scores["loss"], {"tokens": scores["tokens"]}
     result = EvalResult(task_type=card.data.pipeline_tag or "text-classification", dataset_type=task,
                         dataset_name=task, dataset_split="test", dataset_revision=key.get("task"),
-                        dataset_args={"examples": scores["total"]}, metric_type="accuracy",
-                        metric_value=scores["accuracy"], metric_args=settings)
+                        dataset_args=counted, metric_type=metric, metric_value=value, metric_args=settings)
     results = [r for r in card.data.eval_results or [] if _row_key(r) != _row_key(result)] + [result]
     card.data.eval_results = sorted(results, key=lambda r: (r.dataset_name, repr(r.metric_args)))
     card.data.model_name = card.data.model_name or Path(folder).resolve().name
@@ -269,8 +272,12 @@ def _accuracy_table(results: list[EvalResult]) -> str:
     for result in results:
         total = (result.dataset_args or {}).get("examples")
         args = result.metric_args or {}
-        correct = f"{round(result.metric_value * total)} / {total}" if isinstance(total, int) else ""
-        cells = [result.dataset_name, f"{100 * result.metric_value:.2f}%", correct,
+        if result.metric_type == "loss":  # a language model: mean response loss, over so many tokens
+            score, correct = f"loss {result.metric_value:.4f}", f"{(result.dataset_args or {}).get('tokens')} tokens"
+        else:
+            score = f"{100 * result.metric_value:.2f}%"
+            correct = f"{round(result.metric_value * total)} / {total}" if isinstance(total, int) else ""
+        cells = [result.dataset_name, score, correct,
                  f"`{result.dataset_revision}`" if result.dataset_revision else "", args.get("max_length", ""),
                  args.get("batch_size", ""), args.get("device", ""), args.get("torch", "")]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")

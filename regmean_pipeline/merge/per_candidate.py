@@ -44,7 +44,7 @@ def export_per_candidate(folder: Path, merged: WeightSource, candidates: list[Ca
             writer.abort()
             raise
         if candidate.model_dir is not None:
-            copy_model_files(candidate.model_dir, target)
+            copy_model_files(candidate.model_dir, target, base_dir=getattr(candidate.weights, "base_dir", None))
         written[candidate.name] = str(target.relative_to(folder))
         log.debug("per-candidate export %s: %d own parameters", candidate.name,
                   sum(source_of[name] is candidate.weights for name in names))

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import torch
 
+from regmean_pipeline.io.adapters import is_adapter
+from regmean_pipeline.io.weights import adapter_base_dir
+
 log = logging.getLogger(__name__)
 
 # Records about a model that do not change its predictions (and may hold timestamps); README.md is the
 # model card, which `regmean eval` itself rewrites with the scores it keys.
 RECORD_FILES = frozenset({"finetune.json", "merge_report.json", "README.md"})
+SCORE_FIELDS = (("accuracy", "correct", "total"), ("loss", "perplexity", "tokens"))  # a classifier's, an LM's
 _CHUNK = 1 << 24
 
 
@@ -36,9 +40,13 @@ def model_digest(folder: Path) -> str:
 
 
 def score_key(folder: Path, task_checksum: str, *, max_length: int, batch_size: int, device: torch.device) -> dict:
-    """Everything an accuracy depends on (batch size included: padding moves logits by rounding)."""
-    return {"model": model_digest(folder), "task": task_checksum, "max_length": max_length,
-            "batch_size": batch_size, "device": torch.device(device).type, "torch": torch.__version__}
+    """Everything a score depends on (batch size included: padding moves logits by rounding); a LoRA
+    adapter's score depends on its base's files too."""
+    key = {"model": model_digest(folder), "task": task_checksum, "max_length": max_length,
+           "batch_size": batch_size, "device": torch.device(device).type, "torch": torch.__version__}
+    if is_adapter(folder):
+        key["base_model"] = model_digest(adapter_base_dir(Path(folder)))
+    return key
 
 
 def _key_id(key: dict) -> str:
@@ -52,8 +60,9 @@ class ScoreBook:
         self._scores: dict[str, dict] = {}
 
     def add(self, key: dict | None, scores: dict) -> None:
-        if isinstance(key, dict) and {"accuracy", "correct", "total"} <= set(scores):
-            self._scores[_key_id(key)] = {k: scores[k] for k in ("accuracy", "correct", "total")}
+        fields = next((f for f in SCORE_FIELDS if set(f) <= set(scores)), None)
+        if isinstance(key, dict) and fields is not None:
+            self._scores[_key_id(key)] = {k: scores[k] for k in fields}
 
     def find(self, key: dict) -> dict | None:
         found = self._scores.get(_key_id(key))

@@ -1,8 +1,10 @@
-"""Sentence classification tasks stored as folders: train.jsonl, test.jsonl and labels.json.
+"""Tasks stored as folders: train.jsonl and test.jsonl, plus the file that says which kind of task it is.
 
-Each JSONL line is ``{"text": str, "label": int}``; ``labels.json`` lists the label names in index
-order (``{"labels": [...], ...}``). The splits are read through ``datasets`` (its JSON builder), so
-they come back as ordinary ``datasets.Dataset`` objects with ``text`` and ``label`` columns.
+- Sentence classification: ``labels.json`` lists the label names in index order (``{"labels": [...]}``);
+  each JSONL line is ``{"text": str, "label": int}``. The splits are read through ``datasets`` (its
+  JSON builder), so they come back as ``datasets.Dataset`` objects with ``text`` and ``label`` columns.
+- Chat (language modelling): ``task.json`` holds ``{"kind": "chat"}``; each JSONL line is
+  ``{"messages": [{"role", "content"}, ...]}``, scored by the loss of the assistant's tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,55 @@ from regmean_pipeline.errors import RegMeanError
 
 SPLITS = ("train", "test")
 LABELS_FILE = "labels.json"
+TASK_FILE = "task.json"
+
+
+def _split_file(task, split: str) -> Path:
+    if split not in SPLITS:
+        raise RegMeanError(f"task {task.name}: unknown split {split!r} (splits: {', '.join(SPLITS)})")
+    return task.folder / f"{split}.jsonl"
+
+
+def _checksum(files: list[Path]) -> str:
+    """sha256 over the files' names and bytes: ties a score or a fine-tuned candidate to the data it saw."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ChatTask:
+    """A chat task, scored by the mean loss (and perplexity) of the assistant's tokens on its test split."""
+
+    name: str
+    folder: Path
+    kind = "chat"
+    metric = "loss"
+
+    def split_file(self, split: str) -> Path:
+        return _split_file(self, split)
+
+    def load(self, split: str) -> list:
+        """Each line's raw ``messages`` value, in file order (line i + 1 holds item i); their form is
+        checked by whoever renders them (regmean_pipeline.measure.chat.check_messages)."""
+        path = self.split_file(split)
+        values = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise RegMeanError(f"{path}: line {number} is not valid JSON ({exc})") from None
+            if not isinstance(row, dict) or "messages" not in row:
+                raise RegMeanError(f"{path}: line {number} has no 'messages'")
+            values.append(row["messages"])
+        if not values:
+            raise RegMeanError(f"{path}: empty")
+        return values
+
+    def checksum(self) -> str:
+        return _checksum([self.folder / TASK_FILE] + [self.split_file(split) for split in SPLITS])
 
 
 @dataclass(frozen=True)
@@ -23,15 +74,15 @@ class ClassificationTask:
     name: str
     folder: Path
     label_names: tuple[str, ...]
+    kind = "classification"
+    metric = "accuracy"
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
     def split_file(self, split: str) -> Path:
-        if split not in SPLITS:
-            raise RegMeanError(f"task {self.name}: unknown split {split!r} (splits: {', '.join(SPLITS)})")
-        return self.folder / f"{split}.jsonl"
+        return _split_file(self, split)
 
     def load(self, split: str):
         """The split as a datasets.Dataset with 'text' (str) and 'label' (int in range) columns, checked."""
@@ -58,18 +109,37 @@ class ClassificationTask:
 
     def checksum(self) -> str:
         """sha256 over labels.json and both splits: ties a fine-tuned candidate to the data it saw."""
-        digest = hashlib.sha256()
-        for path in [self.folder / LABELS_FILE] + [self.split_file(split) for split in SPLITS]:
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
+        return _checksum([self.folder / LABELS_FILE] + [self.split_file(split) for split in SPLITS])
 
 
-def load_task(folder: Path | str) -> ClassificationTask:
-    """The task in ``folder`` (its name is the folder name); every file is checked to exist."""
+Task = ClassificationTask | ChatTask
+
+
+def _chat_task(folder: Path) -> ChatTask:
+    path = folder / TASK_FILE
+    try:
+        kind = json.loads(path.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise RegMeanError(f"{path}: expected {{\"kind\": \"chat\"}} ({exc})") from None
+    if kind != ChatTask.kind:
+        raise RegMeanError(f"{path}: kind {kind!r} is not known (chat; classification tasks have a {LABELS_FILE})")
+    return ChatTask(folder.name, folder)
+
+
+def load_task(folder: Path | str, *, kinds: tuple[str, ...] = ("classification",)) -> Task:
+    """The task in ``folder`` (its name is the folder name); every file is checked to exist.
+
+    A ``task.json`` makes it a chat task (when ``kinds`` allows), else ``labels.json`` a classification task.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise RegMeanError(f"task {folder}: no such folder")
+    if (folder / TASK_FILE).is_file() and ChatTask.kind in kinds:
+        task = _chat_task(folder)
+        for split in SPLITS:
+            if not task.split_file(split).is_file():
+                raise RegMeanError(f"task {folder}: no {split}.jsonl")
+        return task
     labels_path = folder / LABELS_FILE
     try:
         labels = json.loads(labels_path.read_text())["labels"]

@@ -1,0 +1,1 @@
+"""Runnable walk-throughs that build their own tiny models and data (see docs/)."""

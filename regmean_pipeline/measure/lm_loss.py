@@ -1,0 +1,43 @@
+"""How well a causal language model gives the responses of a chat task: the mean loss of the assistant's
+tokens (each predicted from everything before it) and its perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional
+from tqdm.auto import tqdm
+
+from regmean_pipeline.measure.chat import ChatEncoder, Encoded
+
+
+@torch.inference_mode()
+def response_loss(model: torch.nn.Module, tokenizer, conversations: list[list[dict]], *, batch_size: int = 16,
+                  max_length: int | None = None, desc: str = "loss", progress: bool = True) -> dict:
+    """{'loss', 'perplexity', 'tokens'}: the token-weighted mean cross-entropy of the assistant's tokens
+    (as the chat template marks them, see ChatEncoder), over conversations cut to ``max_length`` tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = ChatEncoder(tokenizer).encode(conversations)
+    if max_length:
+        encoded = [Encoded(e.ids[:max_length], e.response[:max_length]) for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, tokens = 0.0, 0
+    with tqdm(total=len(order), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = [encoded[i] for i in order[start:start + batch_size]]
+            width = max(len(e.ids) for e in batch)
+            ids = torch.tensor([e.ids + [pad] * (width - len(e.ids)) for e in batch], device=device)
+            real = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in batch], device=device)
+            counted = torch.tensor([e.response + [0] * (width - len(e.ids)) for e in batch], device=device).bool()
+            logits = model(input_ids=ids, attention_mask=real).logits.float()
+            # Token t is predicted at position t - 1.
+            losses = functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = counted[:, 1:]
+            total += float(losses[keep].double().sum())
+            tokens += int(keep.sum())
+            bar.update(len(batch))
+    loss = total / tokens if tokens else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan"), "tokens": tokens}
