@@ -50,11 +50,16 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "text_column": ((str,), "text_column"),
     "text_pair_column": ((str,), "text_pair_column"),
     "image_column": ((str,), "image_column"),
+    "messages_column": ((str,), "messages_column"),
+    "prompt_columns": ((list,), "prompt_columns"),
+    "response_column": ((str,), "response_column"),
+    "system_column": ((str,), "system_column"),
+    "base_model": ((str,), "base_model"),
 }
 # the items of list keys, and the values of mapping keys (whose keys are candidate names)
 ITEM_TYPES: dict[str, tuple[type, ...]] = {
     "exclude_param_names_regex": (str,), "caches": (str,), "models": (str,), "coefficients": (float, int),
-    "datasets": (str,),
+    "datasets": (str,), "prompt_columns": (str,),
 }
 IGNORED = {"_target_", "name", "_recursive_"}
 OPTION_KEYS = {option: key for key, (_, option) in KEYS.items() if option is not None}

@@ -77,6 +77,13 @@ class MergeOptions:
     checkpoint_every: int = 0
     resume: bool = False
     trust_remote_code: bool = False
+    messages_column: str | None = None  # chat data, as `regmean stats` takes it
+    prompt_columns: list[str] = field(default_factory=list)
+    response_column: str | None = None
+    system_column: str | None = None
+    tokens: str = "all"
+    base_model: str | None = None  # LoRA adapter candidates' base, instead of the one their config names
+    attn_implementation: str | None = None
 
 
 def discover_caches(cache_dir: str | None, caches: list[str]) -> list[Folder]:
@@ -250,7 +257,9 @@ def gather_rank_results(stage: Path, world: int) -> dict:
 
 BLOCKWISE_ONLY = ("datasets", "split", "text_column", "text_pair_column", "image_column", "num_examples", "seed",
                   "max_length", "batch_size", "num_workers", "include_padding", "dtype", "accumulate_dtype",
-                  "activation_memory", "spill_dir", "checkpoint_every", "resume", "trust_remote_code")
+                  "activation_memory", "spill_dir", "checkpoint_every", "resume", "trust_remote_code",
+                  "messages_column", "prompt_columns", "response_column", "system_column", "tokens", "base_model",
+                  "attn_implementation")
 
 
 def check_blockwise_options(options: MergeOptions) -> None:

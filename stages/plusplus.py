@@ -17,10 +17,11 @@ import torch
 
 from regmean_pipeline.distributed import Ranks, all_ok, process_group, rank_device
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.adapters import is_adapter
 from regmean_pipeline.io.atomic import check_target, output_lock, staged_directory
 from regmean_pipeline.io.model_folder import copy_model_files, parse_size, write_json
 from regmean_pipeline.io.safetensors_io import ShardedCheckpointWriter
-from regmean_pipeline.io.weights import open_weights, resolve_model_dir
+from regmean_pipeline.io.weights import adapter_base_dir, open_weights, resolve_model_dir
 from regmean_pipeline.measure.data import DatasetSpec, load_examples, make_loader
 from regmean_pipeline.measure.models import (
     architecture_of,
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Options that decide which examples each candidate's blocks see, hence the merged bytes.
 DATA_SETTINGS = ("split", "text_column", "text_pair_column", "image_column", "num_examples", "seed", "max_length",
-                 "batch_size", "include_padding", "dtype", "accumulate_dtype")
+                 "batch_size", "include_padding", "dtype", "accumulate_dtype", "messages_column", "prompt_columns",
+                 "response_column", "system_column", "tokens", "base_model", "attn_implementation")
 
 
 def run_plusplus(options: MergeOptions) -> dict:
@@ -86,9 +88,12 @@ def _candidate_batches(name: str, folder: Path, config, options: MergeOptions) -
     path = options.datasets[name]
     dataset = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
     spec = DatasetSpec(dataset, options.split, options.text_column, options.text_pair_column, options.image_column,
-                       options.num_examples, options.seed, options.max_length)
+                       options.num_examples, options.seed, options.max_length, options.messages_column,
+                       list(options.prompt_columns), options.response_column, options.system_column, None,
+                       options.tokens)
     examples = load_examples(spec, images=images)
-    preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code)
+    preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code,
+                                     base_model=options.base_model)
     if not images and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = preprocessor.pad_token_id  # sequence-classification heads need it to pool
     model = empty_model(config, dtype=torch.float32, trust_remote_code=options.trust_remote_code)
@@ -105,9 +110,8 @@ def _identity(options: MergeOptions, candidates: list[Candidate]) -> dict:
     """What decides a run's result: a checkpoint of another run is refused on --resume."""
     from regmean_pipeline.io.weights import fingerprint
 
-    fields = ("datasets", "split", "text_column", "text_pair_column", "image_column", "num_examples", "seed",
-              "max_length", "batch_size", "include_padding", "dtype", "accumulate_dtype", "exclude",
-              "reduce_non_diagonal_ratio", "gram_weighting", "solve_dtype", "coefficients", "base")
+    fields = ("datasets", *DATA_SETTINGS, "exclude", "reduce_non_diagonal_ratio", "gram_weighting", "solve_dtype",
+              "coefficients", "base")
     return {"candidates": {c.name: fingerprint(c.weights) for c in candidates},
             **{name: getattr(options, name) for name in fields}}
 
@@ -136,9 +140,15 @@ def _run(options: MergeOptions, ranks: Ranks) -> dict:
     candidates, configs = [], []
     for name, reference in options.models.items():
         folder = resolve_model_dir(reference)
-        configs.append(load_config(folder, trust_remote_code=options.trust_remote_code))
-        candidates.append(Candidate(name, None, open_weights(folder, allow_pickle=options.allow_pickle),
-                                    float(options.coefficients.get(name, 1.0)), folder, str(folder), reference))
+        # A LoRA adapter is its base plus W0 + scale B A on every read: the base's config, lazily merged weights.
+        source = adapter_base_dir(folder, options.base_model) if is_adapter(folder) else folder
+        config = load_config(source, trust_remote_code=options.trust_remote_code)
+        if options.attn_implementation:
+            config._attn_implementation = options.attn_implementation
+        configs.append(config)
+        weights = open_weights(folder, allow_pickle=options.allow_pickle, base_model=options.base_model)
+        candidates.append(Candidate(name, None, weights, float(options.coefficients.get(name, 1.0)), folder,
+                                    str(folder), reference))
     for candidate, config in zip(candidates[1:], configs[1:]):
         ours, theirs = architecture_of(configs[0]), architecture_of(config)
         if ours != theirs:
@@ -189,7 +199,8 @@ def _run(options: MergeOptions, ranks: Ranks) -> dict:
             return {}
         if resumed is not None:
             result["layers"] = {**resumed.layers, **result["layers"]}
-        copy_model_files(base_folder or candidates[0].model_dir, stage)
+        copy_model_files(base_folder or candidates[0].model_dir, stage,
+                         base_dir=None if base_folder else getattr(candidates[0].weights, "base_dir", None))
         report = build_report(options, settings, plan, candidates,
                               {"layers": result["layers"], "timings": result["timings"]}, device)
         # the data options decide the merged bytes too (a model card's config gives them back)

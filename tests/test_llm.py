@@ -411,3 +411,31 @@ def test_plan_reports_adapter_sizes(llm, cli):
         assert sizes[key] == base[key], key
     code, out, err = cli("plan", "--model", adapter, "--candidates", 3)
     assert "LoRA adapter file" in out and "Grams and cache are the base model's" in out
+
+
+def test_regmean_plusplus_takes_chat_data_and_adapters(llm, cli, tmp_path):
+    """RegMean++ on two LoRA adapters and chat data equals RegMean++ on the same adapters merged into full
+    checkpoints by peft (the adapter is read as W0 + scale B A, never written); --tokens response counts
+    only the assistant's tokens, which changes the Grams and so the merge."""
+    adapters = llm["adapters"]
+    full = {name: merged_checkpoint(path, tmp_path / f"full-{name}") for name, path in adapters.items()}
+
+    def merge(models, out, *args):
+        pairs = [a for name, model in models.items()
+                 for a in ("--model", f"{name}={model}", "--dataset", f"{name}={llm['tasks'][name] / 'train.jsonl'}")]
+        code, _, err = cli("merge", "--method", "regmean++", *pairs, "--messages-column", "messages", "--out", out,
+                           "--device", "cpu", "--batch-size", 4, "--solve-dtype", "float64", *args)
+        assert code == 0, err
+        return load_file(str(out / "model.safetensors"))
+
+    from_adapters = merge(adapters, tmp_path / "adapters", "--tokens", "response")
+    from_full = merge(full, tmp_path / "full", "--tokens", "response")
+    assert from_adapters.keys() == from_full.keys()
+    for name, tensor in from_full.items():
+        assert relative_error(from_adapters[name], tensor.double().numpy()) < 1e-5, name
+    every_token = merge(adapters, tmp_path / "all")
+    query = "model.layers.1.self_attn.q_proj.weight"
+    assert relative_error(every_token[query], from_adapters[query].double().numpy()) > 1e-4
+    report = read_json(tmp_path / "adapters" / "merge_report.json")
+    assert report["settings"]["tokens"] == "response" and report["settings"]["messages_column"] == "messages"
+    assert (tmp_path / "adapters" / "config.json").is_file()  # the base's config, as for any adapter merge

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.weights import WeightSource
-from regmean_pipeline.measure.gram import GramAccumulator, GramStats, batch_size_of
+from regmean_pipeline.measure.gram import ROW_MASK_KEY, GramAccumulator, GramStats, batch_size_of, model_inputs
 from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
 from regmean_pipeline.measure.models import check_finite_parameters, tied_parameter_names
 from regmean_pipeline.merge.plan import MergeSettings, exclusion
@@ -116,8 +116,14 @@ class BlockwiseMerge:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _batches(self, index: int):
+        """(number, model inputs, rows that count or None) of each batch of a candidate, on the device."""
         for number, batch in enumerate(self.candidates[index].batches):
-            yield number, {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+            yield number, model_inputs(batch), batch.get(ROW_MASK_KEY)
+
+    def _counting(self, accumulator: GramAccumulator, batch: Batch, counted_rows: torch.Tensor | None):
+        """One batch's rows for the Grams: the response tokens under --tokens response, else the real ones."""
+        return accumulator.batch(batch.get("attention_mask"), batch_size_of(batch), counted_rows=counted_rows)
 
     def _load(self, module: nn.Module, source: WeightSource, names: list[str], prefix: str = "") -> None:
         tensors = {name: source.get(name) for name in names}
@@ -147,7 +153,7 @@ class BlockwiseMerge:
         first = self.candidates[self.local[0]]
         names = first.weights.names()
         self._load(self.model, first.weights, [n for n in names if self.stack.block_of(n) is None])
-        _, batch = next(self._batches(self.local[0]))
+        _, batch, _ = next(self._batches(self.local[0]))
         prefix_modules = self.driver.modules_before_stack(batch)
         self.collective.check_same("\n".join(sorted(prefix_modules)), "the modules before the first block")
         block = self.driver.blocks[0]
@@ -168,9 +174,9 @@ class BlockwiseMerge:
             self._load(block, candidate.weights, names, prefix)
             check_finite_parameters(block, f"candidate {candidate.name}: block {index}")
             with self._accumulator(block, find_linear_layers(block)) as accumulator:
-                for number, batch in self._batches(i):
+                for number, batch, counted_rows in self._batches(i):
                     call = self.driver.record(batch, index)
-                    with accumulator.batch(batch.get("attention_mask"), batch_size_of(batch)):
+                    with self._counting(accumulator, batch, counted_rows):
                         self.driver.run(block, call, self.store.get((i, number)))
                 grams[i] = _prefixed(accumulator.result(), prefix)
         return grams
@@ -180,7 +186,7 @@ class BlockwiseMerge:
         block, prefix = self.driver.blocks[index], self.stack.block_prefix(index)
         load_tensors(block, relative(merged, prefix), device=self.device, dtype=self.settings.forward_dtype)
         for i in self.local:
-            for number, batch in self._batches(i):
+            for number, batch, _ in self._batches(i):
                 call = self.driver.record(batch, index)
                 self.store.put((i, number), self.driver.run(block, call, self.store.get((i, number))))
         release(block)
@@ -200,8 +206,8 @@ class BlockwiseMerge:
             layers = [layer for layer in find_linear_layers(model) if self.stack.block_of(layer.name) is None
                       and layer.name not in self.prefix_modules and layer.weight not in tied]
             with self._accumulator(model, layers) as accumulator:
-                for number, batch in self._batches(i):
-                    with accumulator.batch(batch.get("attention_mask"), batch_size_of(batch)):
+                for number, batch, counted_rows in self._batches(i):
+                    with self._counting(accumulator, batch, counted_rows):
                         driver.run_tail(batch, self.store.get((i, number)))
                 grams[i] = accumulator.result().without_weights(tied)
             release(model)
@@ -212,7 +218,7 @@ class BlockwiseMerge:
         self.merged_prefix = merged_prefix
         load_tensors(self.model, merged_prefix, device=self.device, dtype=self.settings.forward_dtype)
         for i in self.local:
-            for number, batch in self._batches(i):
+            for number, batch, _ in self._batches(i):
                 self.store.put((i, number), self.driver.record(batch, 0).hidden)
 
     def _unit(self, unit: Unit, units: Units, earlier: dict[str, torch.Tensor] | None
