@@ -53,8 +53,8 @@ demo: $(call EXTRA_STAMP,demo)
 demo-steps:
 	@echo "== 1/6 regmean finetune: one candidate per task from the base model (reused when already made)"
 	$(REGMEAN) finetune --base $(DEMO_BASE) $(foreach t,$(DEMO_TASKS),--task $(DEMO_DATA)/$(t)) --out $(DEMO_DIR)/candidates $(FINETUNE_ARGS)
-	@echo "== 2/6 regmean stats, once per candidate (256 training examples each)"
-	$(foreach t,$(DEMO_TASKS),$(REGMEAN) stats --model $(DEMO_DIR)/candidates/$(t) --dataset $(DEMO_DATA)/$(t)/train.jsonl --max-length 64 --out $(DEMO_DIR)/caches/$(t) --overwrite &&) true
+	@echo "== 2/6 regmean stats: every candidate in one process (256 training examples each)"
+	$(REGMEAN) stats $(foreach t,$(DEMO_TASKS),--model $(t)=$(DEMO_DIR)/candidates/$(t) --dataset $(t)=$(DEMO_DATA)/$(t)/train.jsonl) --max-length 64 --out $(DEMO_DIR)/caches --overwrite
 	@echo "== 3/6 regmean merge (heads excluded; one deployable model per task under per_candidate/)"
 	$(REGMEAN) merge --cache-dir $(DEMO_DIR)/caches --exclude 'classifier\..*' --per-candidate --out $(DEMO_DIR)/merged/regmean --overwrite $(MERGE_ARGS)
 	@echo "== 4/6 regmean merge --method regmean++: block by block on the merged model's own hidden states (same examples)"

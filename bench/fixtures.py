@@ -119,6 +119,17 @@ class FusionBenchStyleStats:
                 self.model(**batch)
 
 
+def regmean_solve_flops(manifest, candidates: int) -> int:
+    """The flops of RegMean's solve phase as the bench counts them, per distinct layer input (d, and
+    width w: the outputs of the layers sharing it): K - 1 products G_i (W_i - W_1)^T (2 d^2 w each),
+    one Cholesky (d^3 / 3) and its two triangular solves (2 d^2 w)."""
+    widths: dict[str, int] = {}
+    for layer in manifest.layers.values():
+        widths[layer.gram] = widths.get(layer.gram, 0) + layer.out_features
+    return sum(2 * (candidates - 1) * manifest.grams[key].dim ** 2 * width + manifest.grams[key].dim ** 3 // 3
+               + 2 * manifest.grams[key].dim ** 2 * width for key, width in widths.items())
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

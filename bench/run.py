@@ -7,10 +7,13 @@ Runs on the CPU in minutes and prints ONE table. Every ratio compares numbers ta
 - the Gram products' achieved flop rate vs a large float32 torch.matmul;
 - merge wall time and peak RSS vs FusionBench's ``merging_with_regmean_weights`` on the same caches and
   weights (each merge in its own child process, peak RSS = its VmHWM), and the largest relative
-  difference between the two merged models;
+  difference between the two merged models; the rate of our solve phase (the merge report's
+  ``timings.solve``, RegMean's flops as ``fixtures.regmean_solve_flops`` counts them) vs the matmul;
 - merge peak RSS when the layer count doubles; cache bytes vs one float32 matrix per linear module.
 
     python -m bench.run [--work outputs/bench] [--report bench/last_run.md] [--quick]
+
+Where the merge's time goes (torch profiler, top rows): ``python -m bench.profile_merge``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from bench.fixtures import (
     matmul_rate,
     minilm_path,
     perturbed_copy,
+    regmean_solve_flops,
     text_task,
     timed,
 )
@@ -185,7 +189,9 @@ def merge_comparison(caches: Path, root: Path) -> dict:
     # in float64 (same inputs) which one is right.
     disputed = [name for name, diff in differences.items() if diff > 1e-4]
     ours_vs_exact, theirs_vs_exact = float64_check(caches, root / "merged_ours", root / "merged_fusionbench", disputed)
+    candidates = [p for p in sorted(caches.iterdir()) if (p / "manifest.json").exists()]
     return {"ours": ours, "fusionbench": theirs, "max_relative_difference": max(differences.values()),
+            "solve_flops": regmean_solve_flops(read_manifest(candidates[0]), len(candidates)),
             "disputed_tensors": len(disputed), "ours_vs_float64": max(ours_vs_exact, default=0.0),
             "fusionbench_vs_float64": max(theirs_vs_exact, default=0.0)}
 
@@ -294,7 +300,13 @@ def table(results: dict) -> str:
             f"{theirs['merge_function_s'] / ours['wall_s']:.2f}x faster", ">= 3x",
             theirs["merge_function_s"] / ours["wall_s"] >= 3)
         row(f"merge {label} K={k}: wall s, FusionBench incl. loading Grams/weights + save",
-            f"{ours['wall_s']:.1f}", f"{theirs['wall_s']:.1f}", f"{theirs['wall_s'] / ours['wall_s']:.2f}x faster", "")
+            f"{ours['wall_s']:.1f}", f"{theirs['wall_s']:.1f}", f"{theirs['wall_s'] / ours['wall_s']:.2f}x faster",
+            ">= 2x", theirs["wall_s"] / ours["wall_s"] >= 2)
+        solve_rate = m["solve_flops"] / ours["timings"]["solve"]
+        target = name == "llama"  # the compute-bound case; MiniLM's small systems are shown for reference
+        row(f"merge {label} K={k}: solve phase GFLOP/s (RegMean's flops) vs matmul", f"{solve_rate / 1e9:.1f}",
+            f"{matmul / 1e9:.1f}", f"{solve_rate / matmul:.2f}", ">= 0.80" if target else "",
+            solve_rate / matmul >= 0.8 if target else None)
         row(f"merge {label} K={k}: peak RSS MiB", f"{ours['peak_rss'] / 2**20:.0f}",
             f"{theirs['peak_rss'] / 2**20:.0f}", f"{ours['peak_rss'] / theirs['peak_rss']:.2f}x", "")
         diff = m["max_relative_difference"]

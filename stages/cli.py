@@ -110,9 +110,10 @@ PLUSPLUS = "RegMean++ (--method regmean++)"
 
 @app.command()
 def stats(
-    model: Annotated[str, typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures); a folder with adapter_config.json is a LoRA adapter over its base.")],
-    dataset: Annotated[str, typer.Option(help="Task data: a .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk folder, or a hub id.")],
-    out: Annotated[Optional[str], typer.Option(help="Cache folder to write (default: CACHE_DIR/<model folder name> from the config).")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures); a folder with adapter_config.json is a LoRA adapter over its base. Several candidates in one process: repeat NAME=PATH (a bare PATH names its candidate after its folder); each is written to OUT/NAME/.")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Task data: a .jsonl/.json/.csv/.parquet/.txt file, a save_to_disk folder, or a hub id. Several candidates: NAME=PATH for each --model NAME (a bare data file names its candidate after the folder holding it).")] = None,
+    candidates: Annotated[Optional[Path], typer.Option(help="YAML file listing the candidates instead of --model/--dataset: 'candidates:' entries with model, dataset and an optional name (default: the model folder's); each is written to OUT/NAME/.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Cache folder to write (default: CACHE_DIR/<model folder name> from the config); with several candidates, the folder holding OUT/NAME/ for each (default: CACHE_DIR).")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (saved folders and hub datasets).")] = "train",
     text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).")] = None,
     text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column, for sentence-pair tasks.")] = None,
@@ -147,26 +148,34 @@ def stats(
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Run one fine-tuned model over its task data and write its per-layer Gram cache.
+    """Run a fine-tuned model over its task data and write its per-layer Gram cache.
 
     OUT may be a local folder or an fsspec URL (s3://bucket/prefix/name). Under
     `torchrun --nproc_per_node N -m stages stats ...` the N processes split the examples and rank 0
-    writes the one cache.
+    writes the one cache. Several candidates (repeated --model/--dataset NAME=PATH, or --candidates
+    FILE) run one after another in this one process, each cache the same as its own run would write.
     """
     _setup_logging(quiet, debug)
 
     def action():
         from regmean_pipeline.config import load_config, pick
-        from stages.stats import StatsOptions, run_stats
+        from stages.stats import StatsOptions, run_stats, run_stats_candidates
+        from stages.stats_candidates import candidates_from_flags, model_name, read_candidates_file
 
+        if candidates is not None and (model or dataset):
+            raise RegMeanError("--candidates: list the candidates either in the file or with --model/--dataset, "
+                               "not both")
+        several = read_candidates_file(candidates) if candidates is not None else \
+            candidates_from_flags(model or [], dataset or [])
         cfg = load_config(config)
         target = out
         if target is None:
             if "cache_dir" not in cfg:
                 raise RegMeanError("--out: missing (or give a --config with cache_dir)")
-            target = f"{cfg['cache_dir'].rstrip('/')}/{Path(model.rstrip('/')).name}"
-        run_stats(StatsOptions(
-            model=model, dataset=dataset, out=target, split=split, text_column=text_column,
+            target = cfg["cache_dir"].rstrip("/") + ("" if several else f"/{model_name(model[0])}")
+        options = StatsOptions(
+            model=model[0] if not several else "", dataset=dataset[0] if not several else "", out=target,
+            split=split, text_column=text_column,
             text_pair_column=text_pair_column, image_column=image_column,
             num_examples=pick(num_examples, cfg, "num_examples", 256), batch_size=pick(batch_size, cfg, "batch_size", 32),
             max_length=pick(max_length, cfg, "max_length", None), num_workers=pick(num_workers, cfg, "num_workers", 0),
@@ -181,7 +190,11 @@ def stats(
             messages_column=messages_column, prompt_columns=list(prompt_column or []), response_column=response_column,
             system_column=system_column, target_column=target_column, tokens=pick(tokens, cfg, "tokens", "all"),
             base_model=base_model, attn_implementation=pick(attn_implementation, cfg, "attn_implementation", None),
-        ))
+        )
+        if several:
+            run_stats_candidates(several, options)
+        else:
+            run_stats(options)
 
     _run(action, debug=debug)
 

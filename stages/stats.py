@@ -1,4 +1,5 @@
-"""Stage 1: run one candidate over its task data and write its Gram cache."""
+"""Stage 1: run a candidate over its task data and write its Gram cache (several candidates: one
+after another in one process, stages/stats_candidates.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import datetime
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from regmean_pipeline import __version__
 from regmean_pipeline.cache.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest, manifest_from_stats, read_manifest
 from regmean_pipeline.cache.shards import ShardSpec
 from regmean_pipeline.cache.store import write_cache
-from regmean_pipeline.distributed import Ranks, process_group, rank_device, share
+from regmean_pipeline.distributed import Ranks, launched_ranks, process_group, rank_device, share
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.adapters import is_adapter
 from regmean_pipeline.io.atomic import check_folder_target, output_lock, published_folder
@@ -40,6 +41,7 @@ from regmean_pipeline.measure.models import (
 )
 from regmean_pipeline.measure.passes import collect_grams_in_passes
 from regmean_pipeline.measure.ranks import sum_gram_stats
+from stages.stats_candidates import StatsCandidate
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,47 @@ def run_stats(options: StatsOptions) -> Manifest:
             return _run_stats(options, ranks)
 
 
+def run_stats_candidates(candidates: list[StatsCandidate], options: StatsOptions) -> dict[str, Manifest]:
+    """Several candidates one after another in this one process, so the interpreter and the imports
+    start once; candidate NAME is written to OUT/NAME exactly as its own ``regmean stats --model M
+    --dataset D --out OUT/NAME`` with the same options would write it (same bytes of every Gram; each
+    published atomically, under its own lock). ``options.model``/``dataset`` are not used.
+
+    Every target is checked before the first candidate runs. Per candidate, as for one: --resume
+    takes up what an interrupted call left (finished candidates are checked and kept, an interrupted
+    one continues from its checkpoint beside OUT/NAME), --shard I/N writes OUT/NAME/shard-I-of-N.
+    Not under torchrun, whose processes split one candidate's examples between them.
+    """
+    if launched_ranks().active:
+        raise RegMeanError("several candidates run one after another in one process, not under torchrun (its "
+                           "processes split one candidate's examples); launch one torchrun per candidate")
+    root = Folder(options.out)
+    if root.exists(MANIFEST_NAME):
+        raise RegMeanError(f"--out {root}: is a stats cache itself; several candidates are written to OUT/NAME/, "
+                           "so give the folder that is to hold them")
+    runs = {c.name: replace(options, model=c.model, dataset=c.dataset, out=str(root.child(c.name)))
+            for c in candidates}
+    for run in runs.values():
+        resolve_model_dir(run.model)
+        check_stats_target(_target(run), run)
+    manifests = {}
+    cuda = list(range(torch.cuda.device_count()))
+    for index, (name, run) in enumerate(runs.items(), 1):
+        log.info("stats: candidate %d of %d, %s", index, len(runs), name)
+        with torch.random.fork_rng(devices=cuda):  # each candidate starts from the RNG state the process had
+            manifests[name] = run_stats(run)
+    return manifests
+
+
+def check_stats_target(out: Folder, options: StatsOptions) -> None:
+    """Fail before any work when OUT may not be written (it exists, or holds an interrupted run's checkpoint)."""
+    if not (options.resume and out.exists()):
+        check_folder_target(out, overwrite=options.overwrite)
+    if out.is_local and StatsCheckpoints(out.local_path, {}).exists() and not (options.resume or options.overwrite):
+        raise RegMeanError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue it, "
+                           "or --overwrite to start over")
+
+
 def _target(options: StatsOptions) -> Folder:
     out = Folder(options.out)
     return out.child(ShardSpec.parse(options.shard).folder_name) if options.shard else out
@@ -118,11 +161,7 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
         raise RegMeanError("--device-map: spreads one process's model over the devices; under torchrun each rank "
                            "already takes its own GPU, so leave --device-map out there")
     device = resolve_device(rank_device(ranks, options.device))
-    if not (options.resume and out.exists()):
-        check_folder_target(out, overwrite=options.overwrite)
-    if out.is_local and StatsCheckpoints(out.local_path, {}).exists() and not (options.resume or options.overwrite):
-        raise RegMeanError(f"{out}: an interrupted run left a checkpoint; pass --resume to continue it, "
-                           "or --overwrite to start over")
+    check_stats_target(out, options)
 
     folder = resolve_model_dir(options.model)
     weights_fingerprint = fingerprint(open_weights(folder, allow_pickle=options.allow_pickle,

@@ -1,7 +1,7 @@
 """The dataless baselines RegMean is compared with, on the merge's own plan, streaming and writer.
 
-- average: every merged parameter is the (coefficient-weighted) mean of the candidates'
-  (executor.average_parameter, the same function RegMean uses for non-linear parameters).
+- average: every merged parameter is the (coefficient-weighted) mean of the candidates', anchored at
+  the first (averaging.anchored_mean, the same function RegMean uses for non-linear parameters).
 - task arithmetic (Ilharco et al., 2023): theta = theta_pre + lambda * sum_i c_i (theta_i - theta_pre),
   with FusionBench's default lambda = 0.3.
 

@@ -9,6 +9,7 @@ layers or candidates.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
+from regmean_pipeline.merge.averaging import anchored_mean
 from regmean_pipeline.merge.plan import Candidate, GramSource, MergePlan, MergeSettings, SolveBatch
 from regmean_pipeline.merge.solve import SolveResult
 from regmean_pipeline.merge.systems import SystemSums
@@ -187,13 +189,29 @@ def _gram_scale(candidate: Candidate, candidates: list[Candidate], key: str, set
     return candidate.coefficient / tokens
 
 
+# Rows of an averaged tensor are read and averaged in chunks of about this many elements, so a large
+# embedding needs no float64 copy of itself (and no second candidate's copy) in memory at once.
+AVERAGE_CHUNK_ELEMENTS = 1 << 22
+
+
 def average_parameter(name: str, candidates: list[Candidate], coefficient_sum: float) -> torch.Tensor:
-    """The coefficient-weighted mean; integer buffers (position ids) are taken from the first candidate."""
-    first = candidates[0].weights.get(name)
-    if not (first.is_floating_point() or first.is_complex()):
-        return first
-    accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
-    total = torch.zeros(first.shape, dtype=accumulate)
-    for candidate in candidates:
-        total.add_(candidate.weights.get(name).to(accumulate), alpha=candidate.coefficient)
-    return total.div_(coefficient_sum).to(first.dtype)
+    """The coefficient-weighted mean anchored at the first candidate (``averaging.anchored_mean``), in
+    row chunks of every candidate; integer buffers (position ids) are taken from the first candidate."""
+    source = candidates[0].weights
+    shape = tuple(source.shape(name))
+
+    def mean_of(read: Callable[[WeightSource], torch.Tensor]) -> torch.Tensor:
+        others = ((read(c.weights), c.coefficient) for c in candidates[1:])
+        return anchored_mean(read(source), others, coefficient_sum)
+
+    row_elements = math.prod(shape[1:])
+    dtype = source.dtype(name)
+    if not (dtype.is_floating_point or dtype.is_complex) or not shape or \
+            shape[0] * row_elements <= AVERAGE_CHUNK_ELEMENTS:
+        return mean_of(lambda weights: weights.get(name))
+    mean = torch.empty(shape, dtype=dtype)
+    step = max(1, AVERAGE_CHUNK_ELEMENTS // max(1, row_elements))
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        mean[start:stop] = mean_of(lambda weights: weights.rows(name, start, stop))
+    return mean

@@ -38,6 +38,44 @@ class SolveResult:
     rank: list[int | None]  # numerical rank of the systems that took the fallback; None for the others
 
 
+def _cholesky(matrix: torch.Tensor, workspace: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factors of symmetric ``matrix`` (and LAPACK's info), in column-major layout.
+
+    LAPACK works on column-major matrices: given row-major ones, torch copies the input into a
+    column-major temporary and copies the factor back. A symmetric matrix read transposed is itself,
+    so handing it over as ``matrix.mT`` (column-major) and receiving the factor in ``workspace.mT``
+    costs no temporary and no transposing copy.
+    """
+    if workspace is None:
+        workspace = torch.empty_like(matrix)
+    info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
+    return torch.linalg.cholesky_ex(matrix.mT, out=(workspace.mT, info))
+
+
+def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A^-1 rhs from the lower factor L of A = L L^T: two triangular solves in one new tensor.
+
+    ``torch.cholesky_solve`` clones both operands into column-major copies; ``solve_triangular`` with
+    ``out`` works in place on a row-major right-hand side (it solves the transposed system) and reads
+    a column-major factor as it is.
+    """
+    correction = torch.empty_like(rhs)
+    torch.linalg.solve_triangular(factor, rhs, upper=False, out=correction)
+    return torch.linalg.solve_triangular(factor.mT, correction, upper=True, out=correction)
+
+
+def _add_corrections_(anchor: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    """anchor += correction, in place, for the systems whose correction is not zero everywhere; the others
+    (every candidate equal to the anchor there) keep the anchor bit for bit, -0.0 included, which adding
+    a +0.0 correction would turn into +0.0."""
+    moved = correction.flatten(1).any(1)
+    if bool(moved.all()):
+        return anchor.add_(correction)
+    for i in moved.nonzero().flatten().tolist():
+        anchor[i].add_(correction[i])
+    return anchor
+
+
 def _cholesky_condition(factor: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """Condition estimate from the Cholesky factor's diagonal; with ``matrix``, that of the
     equilibrated system D A D (D = diag(A)^-1/2), which scaling of the features alone does not worsen."""
@@ -82,11 +120,14 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
     batch, _, width = rhs.shape
     probes = _probe_block(width, rhs)
     rhs_probed = torch.matmul(rhs, probes)
-    out = None if workspace is None else (workspace, torch.empty(batch, dtype=torch.int32, device=matrix.device))
-    factor, info = torch.linalg.cholesky_ex(matrix, out=out)
-    correction = torch.cholesky_solve(rhs, factor)
+    factor, info = _cholesky(matrix, workspace)
+    correction = _cholesky_solve(factor, rhs)
+    # The probe block of the residual estimate doubles as the finiteness check: a NaN or Inf anywhere
+    # in a system's correction reaches its product with the (nowhere zero) probes, at the cost of one
+    # read, where isfinite() makes four passes and three temporaries as large as the correction.
+    correction_probed = torch.matmul(correction, probes)
     condition = _cholesky_condition(factor)
-    ok = (info == 0) & torch.isfinite(condition) & torch.isfinite(correction).flatten(1).all(1) \
+    ok = (info == 0) & torch.isfinite(condition) & torch.isfinite(correction_probed).flatten(1).all(1) \
         & (_cholesky_condition(factor, matrix) <= 1.0 / noise)
     solver = ["cholesky"] * matrix.shape[0]
     conditions: list[float | None] = condition.tolist()
@@ -97,6 +138,7 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
         factor64, info64 = torch.linalg.cholesky_ex(matrix[i].double())
         if int(info64) == 0 and float(_cholesky_condition(factor64, matrix[i].double())) <= 1.0 / noise:
             correction[i] = torch.cholesky_solve(rhs[i].double(), factor64).to(dtype)
+            correction_probed[i] = correction[i] @ probes
             solver[i] = "cholesky-float64"
         else:
             ok[i] = False
@@ -111,6 +153,7 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
         regularised = a + torch.diag(ridge * scales)
         target = rhs[i].double() + (ridge * scales)[:, None] * fallback_target[i].double()
         correction[i] = torch.linalg.solve(regularised, target).to(dtype)
+        correction_probed[i] = correction[i] @ probes
         solver[i] = "lu-ridge"
         eigenvalues = torch.linalg.eigvalsh(a)
         largest, smallest = eigenvalues.abs().max().item(), eigenvalues.min().item()
@@ -119,9 +162,9 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
         log.info("system %d is singular or nearly (condition %s, rank %d of %d): ridged LU solve", i,
                  "inf" if conditions[i] is None else f"{conditions[i]:.3g}", ranks[i], dim)
 
-    error = torch.linalg.matrix_norm(torch.bmm(matrix, torch.matmul(correction, probes)).sub_(rhs_probed))
+    error = torch.linalg.matrix_norm(torch.bmm(matrix, correction_probed).sub_(rhs_probed))
     error /= RESIDUAL_PROBES ** 0.5
-    solution = anchor.add_(correction)
+    solution = _add_corrections_(anchor, correction)
     scale = torch.linalg.matrix_norm(matrix) * torch.linalg.matrix_norm(solution)
     residual = (error / scale.clamp_min(torch.finfo(dtype).tiny)).tolist()
     return SolveResult(solution, solver, conditions, residual, ranks)

@@ -1,98 +1,136 @@
 """The running sums of one batch of RegMean systems, built one candidate at a time, then solved.
 
 For a batch of B systems (equal d and width), with s_i each candidate's Gram scale, c_i its
-coefficient and W_1 the first candidate's weights (the anchor):
+coefficient, W_1 the first candidate's weights (the anchor) and G~ = a G + (1 - a) diag(G) the
+off-diagonal reduction (a = ``reduce_non_diagonal_ratio``):
 
-    A = sum_i s_i G~_i                       (B, d, d)
-    R = sum_{i>1} s_i G~_i (W_i - W_1)^T     (B, d, width)
-    T = sum_{i>1} c_i / sum(c) (W_i - W_1)^T (B, d, width): the plain average's offset, the fallback target
+    S = sum_i s_i G_i                          (B, d(d+1)/2): packed upper triangles, not reduced
+    R = sum_{i>1} s_i G~_i (W_i - W_1)^T       (B, d, width)
+    T = sum_{i>1} c_i / sum(c) (W_i - W_1)^T   (B, d, width): the plain average's offset, the fallback target
 
-and the merged weights are W_1^T + A^-1 R (``solve.solve_batch``). Every term is a sum over candidates,
-so candidates can be added in any grouping: one process adds them all (``regmean merge``), or each
-torchrun rank adds its own and the ranks sum ``partial_sums()`` before solving (RegMean++).
+and the merged weights are W_1^T + A^-1 R with A = S~ = a S + (1 - a) diag(S) (``solve.solve_batch``).
+The reduction is linear, so it is applied once, to the sum, when ``solve`` unpacks and mirrors S into
+the one (d, d) matrix per system; only R needs each candidate's full G~_i, and there the reduction
+rides on the product (G~_i D = a (G_i + (1/a - 1) diag(G_i)) D: the diagonal is rescaled, a is the
+GEMM's alpha), so no pass over a (d, d) matrix is spent on it.
+
+Every term is a sum over candidates, so candidates can be added in any grouping: one process adds
+them all (``regmean merge``), or each torchrun rank adds its own and the ranks sum ``partial_sums()``
+(S packed, R, T) element-wise before solving (RegMean++). With ``sum_dtype=torch.float64`` the sums
+are kept in float64 (the products still run in ``dtype``), which makes them independent of that
+grouping to their final rounding.
 """
 
 from __future__ import annotations
 
 import torch
 
-from regmean_pipeline.cache.symmetric import unpack_upper
-from regmean_pipeline.merge.solve import SolveResult, reduce_off_diagonal_, solve_batch
+from regmean_pipeline.cache.symmetric import diagonal_positions, packed_length, unpack_upper
+from regmean_pipeline.merge.solve import SolveResult, solve_batch
 
 
 class SystemSums:
-    """A, R and T of one solve batch, and its anchor; see the module docstring."""
+    """S (packed), R and T of one solve batch, and its anchor; see the module docstring.
+
+    Memory: S and one candidate's scaled packed Grams (each half a (d, d) matrix per system), one
+    (d, d) matrix per system for the candidate's unpacked Grams, which ``solve`` reuses for A, and
+    the (d, width) tensors; ``solve`` adds the Cholesky factor once S is released.
+    """
 
     def __init__(self, count: int, dim: int, width: int, *, dtype: torch.dtype, device: torch.device | str,
                  reduce_non_diagonal_ratio: float, sum_dtype: torch.dtype | None = None) -> None:
         self.count, self.dim, self.width = count, dim, width
         self.dtype, self.device = dtype, torch.device(device)
-        # Summing in float64 (products still in ``dtype``) makes A, R and T independent of the order and
-        # grouping in which candidates are added, to their final rounding: what lets processes that each
-        # sum their own candidates agree with one process that sums them all.
         self.sum_dtype = sum_dtype or dtype
         self.ratio = reduce_non_diagonal_ratio
         self.anchor: torch.Tensor | None = None
-        self.matrix: torch.Tensor | None = None  # A
+        self.packed_sum: torch.Tensor | None = None  # S
         self.rhs: torch.Tensor | None = None  # R
         self.target: torch.Tensor | None = None  # T
-        self._grams: torch.Tensor | None = None  # one candidate's G~ (then the Cholesky factor)
+        self._scaled: torch.Tensor | None = None  # one candidate's s_i G_i, packed
+        self._full: torch.Tensor | None = None  # one candidate's s_i G~_i in full (then A)
         self.noise = torch.finfo(dtype).eps
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(self.count, *shape, dtype=self.sum_dtype, device=self.device)
 
     def set_anchor(self, weights: torch.Tensor) -> None:
-        """The first candidate's (B, d, width) weights; the others enter as differences from them."""
+        """The first candidate's (B, d, width) weights; the others enter as differences from them. Consumed:
+        ``solve`` adds the corrections to them in place when dtype and device allow."""
         self.anchor = weights.to(self.device, self.dtype)
         self.rhs = self._zeros(self.dim, self.width)
         self.target = self._zeros(self.dim, self.width)
 
     def add(self, packed_grams: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor | None = None,
             share: float = 0.0) -> None:
-        """Add one candidate: its packed Gram sums (B, d(d+1)/2) times ``scales`` (B,) to A and, with its
-        ``weights`` (B, d, width; None for the anchor's own candidate), its terms of R and T."""
+        """Add one candidate: its packed Gram sums (B, d(d+1)/2) times ``scales`` (B,) to S and, with its
+        ``weights`` (B, d, width; None for the anchor's own candidate), its terms of R and T. ``weights``
+        is consumed: the difference from the anchor is formed in its memory when dtype and device allow."""
         # The Grams' own precision: the solver treats conditions beyond it as singular.
         self.noise = max(self.noise, torch.finfo(packed_grams.dtype).eps)
-        first = self.matrix is None
-        if first and self.sum_dtype == self.dtype:  # the first Grams land in the sum itself
-            self.matrix = torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
-            into = self.matrix
+        column = scales.to(self.device, self.dtype).view(-1, 1)
+        packed = packed_grams.to(self.device, non_blocking=True)
+        if self.packed_sum is None and self.sum_dtype == self.dtype:  # the first Grams land in the sum itself
+            self.packed_sum = torch.empty(self.count, packed_length(self.dim), dtype=self.dtype, device=self.device)
+            scaled = torch.mul(packed, column, out=self.packed_sum)
         else:
-            if self._grams is None:
-                self._grams = torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
-            into = self._grams
-        unpack_upper(packed_grams.to(self.device, non_blocking=True), self.dim, out=into)
-        into.mul_(scales.to(self.device, self.dtype).view(-1, 1, 1))
-        reduce_off_diagonal_(into, self.ratio)
-        if first and into is not self.matrix:
-            self.matrix = into.to(self.sum_dtype, copy=True)
-        elif not first:
-            self.matrix += into
+            if self._scaled is None:
+                self._scaled = torch.empty(self.count, packed_length(self.dim), dtype=self.dtype, device=self.device)
+            scaled = torch.mul(packed, column, out=self._scaled)
+            if self.packed_sum is None:
+                self.packed_sum = scaled.to(self.sum_dtype, copy=True)
+            else:
+                self.packed_sum += scaled
         if weights is not None:
             if self.anchor is None:
                 raise ValueError("set_anchor() before adding a candidate's weights")
-            delta = weights.to(self.device, self.dtype, non_blocking=True).sub_(self.anchor)
-            if self.sum_dtype == self.dtype:
-                self.rhs.baddbmm_(into, delta)
-            else:
-                self.rhs += torch.bmm(into, delta)
-            self.target.add_(delta, alpha=share)
+            difference = weights.to(self.device, self.dtype, non_blocking=True).sub_(self.anchor)
+            self.target.add_(difference, alpha=share)
+            self._add_product(scaled, difference)
+
+    def _add_product(self, scaled: torch.Tensor, difference: torch.Tensor) -> None:
+        """R += G~ D for one candidate's scaled packed Grams G and its difference D from the anchor."""
+        if self.ratio == 0.0:  # G~ = diag(G): a row scaling, no product
+            diagonal = scaled[:, diagonal_positions(self.dim, str(self.device))]
+            self.rhs.addcmul_(diagonal.unsqueeze(-1), difference)
+            return
+        if self._full is None:
+            self._full = torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
+        full = unpack_upper(scaled, self.dim, out=self._full)
+        if self.ratio != 1.0:
+            full.diagonal(dim1=-2, dim2=-1).div_(self.ratio)
+        if self.sum_dtype == self.dtype:
+            self.rhs.baddbmm_(full, difference, alpha=self.ratio)
+        else:  # the product, a included, rounded in ``dtype``: float64 sums of those are exact
+            self.rhs += torch.baddbmm(difference, full, difference, beta=0.0, alpha=self.ratio)  # beta 0: no input
 
     def partial_sums(self) -> list[torch.Tensor]:
-        """A, R and T as tensors to sum across processes (zeros where this process added nothing)."""
-        if self.matrix is None:
-            self.matrix = self._zeros(self.dim, self.dim)
+        """S (packed, (B, d(d+1)/2), before the off-diagonal reduction), R and T: the live tensors, to
+        sum element-wise across processes before ``solve`` (zeros where this process added nothing)."""
+        if self.packed_sum is None:
+            self.packed_sum = self._zeros(packed_length(self.dim))
         if self.rhs is None:
             self.rhs, self.target = self._zeros(self.dim, self.width), self._zeros(self.dim, self.width)
-        return [self.matrix, self.rhs, self.target]
+        return [self.packed_sum, self.rhs, self.target]
 
     def solve(self, noise: float | None = None) -> SolveResult:
         """anchor + A^-1 R for every system (``solve.solve_batch``: Cholesky, float64 redo, ridge fallback)."""
-        if self.matrix is None or self.anchor is None:
+        if self.packed_sum is None or self.anchor is None:
             raise ValueError("no candidate was added")
-        matrix, rhs, target = (tensor.to(self.dtype) for tensor in (self.matrix, self.rhs, self.target))
-        result = solve_batch(matrix, rhs, self.anchor, target, noise=max(self.noise, noise or 0.0),
-                             workspace=self._grams)
-        self.matrix = self.rhs = self.target = self.anchor = self._grams = None
+        matrix = self._full if self._full is not None else \
+            torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
+        unpack_upper(self._reduced_sum(), self.dim, out=matrix)
+        rhs, target = self.rhs.to(self.dtype), self.target.to(self.dtype)
+        self.packed_sum = self._scaled = self._full = self.rhs = self.target = None
+        result = solve_batch(matrix, rhs, self.anchor, target, noise=max(self.noise, noise or 0.0))
+        self.anchor = None
         return result
+
+    def _reduced_sum(self) -> torch.Tensor:
+        """S~ = a S + (1 - a) diag(S), in place on the packed S (in the sums' dtype, rounded once after)."""
+        if self.ratio != 1.0:
+            positions = diagonal_positions(self.dim, str(self.device))
+            diagonal = self.packed_sum[:, positions]
+            self.packed_sum.mul_(self.ratio)
+            self.packed_sum[:, positions] = diagonal
+        return self.packed_sum

@@ -21,6 +21,7 @@ from regmean_pipeline.cache.symmetric import pack_upper
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.gram import GramStats
+from regmean_pipeline.merge.averaging import anchored_mean as averaged
 from regmean_pipeline.merge.executor import emit_solved, solve_report, stack_weights
 from regmean_pipeline.merge.layer_parallel import split_plan
 from regmean_pipeline.merge.plan import GramGroup, MergePlan, MergeSettings, SolveBatch, solve_batches
@@ -135,22 +136,10 @@ def _solve_batch(batch: SolveBatch, candidates: list[UnitCandidate], grams: dict
 
 def anchored_mean(name: str, candidates: list[UnitCandidate], local: list[int], coefficient_sum: float,
                   collective: Collective) -> torch.Tensor:
-    """W_1 + sum_{i>1} c_i (W_i - W_1) / sum(c): the coefficient-weighted mean, exact for equal candidates;
-    integer buffers (position ids) are the first candidate's.
-
-    The differences of float32 (or narrower) weights, times small coefficients, are exact in float64, and
-    so are their sums: the offset comes out the same however the candidates are grouped over processes,
-    and is divided and rounded once. The merged prefix and blocks feed the next blocks' Grams, so their
-    rounding must not depend on the grouping."""
-    anchor = candidates[0].weights.get(name)
-    if not (anchor.is_floating_point() or anchor.is_complex()):
-        return anchor
-    accumulate = torch.complex128 if anchor.is_complex() else torch.float64
-    anchor_wide = anchor.to(accumulate)
-    offset = torch.zeros(anchor.shape, dtype=accumulate)
-    for index in local:
-        if index:
-            candidate = candidates[index]
-            offset.add_(candidate.weights.get(name).to(accumulate) - anchor_wide, alpha=candidate.coefficient)
-    collective.sum_([offset])
-    return anchor_wide.add_(offset.div_(coefficient_sum)).to(anchor.dtype)
+    """W_1 + sum_{i>1} c_i (W_i - W_1) / sum(c) over every process's candidates (``averaging.anchored_mean``):
+    the offsets of float32 (or narrower) weights are exact in float64, so the sum over processes comes out
+    the same however the candidates are grouped, and it is divided and rounded once. The merged prefix and
+    blocks feed the next blocks' Grams, so their rounding must not depend on the grouping."""
+    others = ((candidates[i].weights.get(name), candidates[i].coefficient) for i in local if i)
+    return averaged(candidates[0].weights.get(name), others, coefficient_sum,
+                    sum_offsets=lambda offset: collective.sum_([offset]))
