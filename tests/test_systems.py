@@ -47,10 +47,17 @@ def packed(gram: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([pack_upper(m) for m in gram.to(dtype)])
 
 
-def fill(sums: SystemSums, grams, weights, scales, coefficients, members, dtype=torch.float32) -> None:
+def stacked(weights: torch.Tensor, dtype=torch.float32, out_major: bool = True) -> torch.Tensor:
+    """(B, d, width) weights as ``executor.stack_weights`` gives them (the transposed view of (B, width, d)
+    storage), or contiguous."""
+    return weights.mT.to(dtype).contiguous().mT if out_major else weights.to(dtype, copy=True)
+
+
+def fill(sums: SystemSums, grams, weights, scales, coefficients, members, dtype=torch.float32,
+         out_major: bool = True) -> None:
     """Add the candidates ``members`` (indices; 0 is the anchor's own) to ``sums``, as the executor does."""
     for i in members:
-        extra = () if i == 0 else (weights[i].to(dtype).clone(), coefficients[i] / sum(coefficients))
+        extra = () if i == 0 else (stacked(weights[i], dtype, out_major), coefficients[i] / sum(coefficients))
         sums.add(packed(grams[i], dtype), scales[i], *extra)
 
 
@@ -63,13 +70,15 @@ def new_sums(ratio: float, dtype=torch.float32, sum_dtype=None) -> SystemSums:
 @pytest.mark.parametrize("dtype, sum_dtype, tolerance", [(torch.float32, None, 2e-5),
                                                          (torch.float32, torch.float64, 2e-5),
                                                          (torch.float64, None, 1e-12)])
-def test_fused_sums_solve_to_the_float64_closed_form(ratio, dtype, sum_dtype, tolerance):
+@pytest.mark.parametrize("out_major", [True, False])
+def test_fused_sums_solve_to_the_float64_closed_form(ratio, dtype, sum_dtype, tolerance, out_major):
     """Scales, the off-diagonal reduction (applied once to the packed sum, and through the GEMM's alpha
-    per candidate) and the anchoring, against RegMean's formula in float64."""
+    per candidate) and the anchoring, against RegMean's formula in float64; weights in the executor's
+    layout and in a plain contiguous one."""
     grams, weights, scales, coefficients = systems(seed=1)
     sums = new_sums(ratio, dtype, sum_dtype)
-    sums.set_anchor(weights[0].to(dtype, copy=True))
-    fill(sums, grams, weights, scales, coefficients, range(4), dtype)
+    sums.set_anchor(stacked(weights[0], dtype, out_major))
+    fill(sums, grams, weights, scales, coefficients, range(4), dtype, out_major)
     result = sums.solve()
     assert result.solver == ["cholesky"] * BATCH
     assert relative_error(result.solution, closed_form(grams, weights, scales, ratio)) < tolerance
@@ -82,16 +91,17 @@ def test_partial_sums_of_two_processes_add_up_to_one(sum_dtype):
     """Each 'process' adds its own candidates; their partial sums, added element-wise, solve as one."""
     grams, weights, scales, coefficients = systems(seed=2)
     whole = new_sums(0.95, sum_dtype=sum_dtype)
-    whole.set_anchor(weights[0].float())
+    whole.set_anchor(stacked(weights[0]))
     fill(whole, grams, weights, scales, coefficients, range(4))
     parts = [new_sums(0.95, sum_dtype=sum_dtype), new_sums(0.95, sum_dtype=sum_dtype)]
     for part, members in zip(parts, ([0, 2], [1, 3])):
-        part.set_anchor(weights[0].float())
+        part.set_anchor(stacked(weights[0]))
         fill(part, grams, weights, scales, coefficients, members)
     totals = [a + b for a, b in zip(*(part.partial_sums() for part in parts))]
     for live, total in zip(parts[0].partial_sums(), totals):  # the summed state goes back in place
         live.copy_(total)
-    assert [t.shape for t in totals] == [(BATCH, DIM * (DIM + 1) // 2), (BATCH, DIM, WIDTH), (BATCH, DIM, WIDTH)]
+    assert [t.shape for t in totals] == [(BATCH, DIM * (DIM + 1) // 2), (BATCH, WIDTH, DIM), (BATCH, WIDTH, DIM)]
+    assert all(t.is_contiguous() for t in parts[1].partial_sums())  # as torch.distributed needs them
     expected = whole.solve().solution
     solution = parts[0].solve().solution
     if sum_dtype is None:
@@ -108,12 +118,12 @@ def test_copies_of_one_model_come_back_bit_for_bit(ratio):
     anchor = weights[0].float()
     anchor[0, :5, 0] = -0.0  # signed zeros survive too
     sums = new_sums(ratio)
-    sums.set_anchor(anchor.clone())
+    sums.set_anchor(stacked(anchor))
     sums.add(packed(grams[0]), scales[0])
     for i in (1, 2, 3):
-        sums.add(packed(grams[i]), scales[i], anchor.clone(), 0.25)
+        sums.add(packed(grams[i]), scales[i], stacked(anchor), 0.25)
     solution = sums.solve().solution
-    assert solution.numpy().tobytes() == anchor.numpy().tobytes()
+    assert solution.contiguous().numpy().tobytes() == anchor.numpy().tobytes()
 
 
 def test_mirror_reads_only_the_upper_triangle_and_copies_exactly():

@@ -86,18 +86,22 @@ def stack_packed_grams(batch: SolveBatch, grams: GramSource, pin: bool = False) 
 
 
 def stack_weights(batch: SolveBatch, weights: WeightSource, pin: bool = False) -> torch.Tensor:
-    """One candidate's weights of a batch, stacked: (B, d, width), each transposed to (in, out) and the
-    weights of layers sharing a Gram side by side (the right-hand sides of the systems)."""
+    """One candidate's weights of a batch, stacked: (B, d, width), each as W^T (in, out) and the weights
+    of layers sharing a Gram side by side (the right-hand sides of the systems).
+
+    The result is the transposed view of (B, width, d) storage: each (out, in) weight is copied as it is
+    stored, without a transposing copy (several times slower on a CPU), and the solved weights come back
+    in the same layout, so nothing is transposed on the way out either (``SystemSums`` works in it)."""
     stacked = None
     for i, group in enumerate(batch.groups):
         offset = 0
         for _, layer in group.layers:
-            weight = weight_in_out(weights.get(layer.weight), layer.transposed)
+            weight = weight_in_out(weights.get(layer.weight), layer.transposed).mT  # (out, in): a view
             if stacked is None:
-                stacked = torch.empty(len(batch.groups), batch.dim, batch.width, dtype=weight.dtype, pin_memory=pin)
-            stacked[i, :, offset:offset + layer.out_features].copy_(weight)
+                stacked = torch.empty(len(batch.groups), batch.width, batch.dim, dtype=weight.dtype, pin_memory=pin)
+            stacked[i, offset:offset + layer.out_features].copy_(weight)
             offset += layer.out_features
-    return stacked
+    return stacked.mT
 
 
 def _load(batch: SolveBatch, candidate: Candidate, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:

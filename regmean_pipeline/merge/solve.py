@@ -56,12 +56,20 @@ def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """A^-1 rhs from the lower factor L of A = L L^T: two triangular solves in one new tensor.
 
     ``torch.cholesky_solve`` clones both operands into column-major copies; ``solve_triangular`` with
-    ``out`` works in place on a row-major right-hand side (it solves the transposed system) and reads
-    a column-major factor as it is.
+    ``out`` works in place on a right-hand side in either layout (a row-major one by solving the
+    transposed system) and reads a column-major factor as it is.
     """
-    correction = torch.empty_like(rhs)
+    correction = torch.empty_like(rhs)  # in rhs's layout: rhs is copied into it as it is
     torch.linalg.solve_triangular(factor, rhs, upper=False, out=correction)
     return torch.linalg.solve_triangular(factor.mT, correction, upper=True, out=correction)
+
+
+def _times_probes(systems: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """``systems @ probes`` for (B, d, width) tensors in either layout without copying them: the
+    transposed view of (B, width, d) storage (``SystemSums``') is multiplied as (probes^T systems^T)^T."""
+    if not systems.is_contiguous() and systems.mT.is_contiguous():
+        return torch.matmul(probes.mT, systems.mT).mT
+    return torch.matmul(systems, probes)
 
 
 def _add_corrections_(anchor: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
@@ -119,13 +127,13 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
     noise = max(noise or 0.0, torch.finfo(dtype).eps)  # the matrix holds no more digits than its dtype
     batch, _, width = rhs.shape
     probes = _probe_block(width, rhs)
-    rhs_probed = torch.matmul(rhs, probes)
+    rhs_probed = _times_probes(rhs, probes)
     factor, info = _cholesky(matrix, workspace)
     correction = _cholesky_solve(factor, rhs)
     # The probe block of the residual estimate doubles as the finiteness check: a NaN or Inf anywhere
     # in a system's correction reaches its product with the (nowhere zero) probes, at the cost of one
     # read, where isfinite() makes four passes and three temporaries as large as the correction.
-    correction_probed = torch.matmul(correction, probes)
+    correction_probed = _times_probes(correction, probes)
     condition = _cholesky_condition(factor)
     ok = (info == 0) & torch.isfinite(condition) & torch.isfinite(correction_probed).flatten(1).all(1) \
         & (_cholesky_condition(factor, matrix) <= 1.0 / noise)

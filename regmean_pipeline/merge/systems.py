@@ -14,11 +14,16 @@ the one (d, d) matrix per system; only R needs each candidate's full G~_i, and t
 rides on the product (G~_i D = a (G_i + (1/a - 1) diag(G_i)) D: the diagonal is rescaled, a is the
 GEMM's alpha), so no pass over a (d, d) matrix is spent on it.
 
+R and T are held as their transposes, (B, width, d) (R^T += D^T G~ with G~ symmetric): the layout in
+which nn.Linear stores W, so weights stacked by ``executor.stack_weights`` (the transposed view of
+such storage) enter and the solutions leave without a transposing copy. Weights in any other layout
+work too, through strided views.
+
 Every term is a sum over candidates, so candidates can be added in any grouping: one process adds
 them all (``regmean merge``), or each torchrun rank adds its own and the ranks sum ``partial_sums()``
-(S packed, R, T) element-wise before solving (RegMean++). With ``sum_dtype=torch.float64`` the sums
-are kept in float64 (the products still run in ``dtype``), which makes them independent of that
-grouping to their final rounding.
+(S packed, R^T, T^T, all contiguous) element-wise before solving (RegMean++). With
+``sum_dtype=torch.float64`` the sums are kept in float64 (the products still run in ``dtype``), which
+makes them independent of that grouping to their final rounding.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class SystemSums:
 
     Memory: S and one candidate's scaled packed Grams (each half a (d, d) matrix per system), one
     (d, d) matrix per system for the candidate's unpacked Grams, which ``solve`` reuses for A, and
-    the (d, width) tensors; ``solve`` adds the Cholesky factor once S is released.
+    the (width, d) tensors; ``solve`` adds the Cholesky factor once S is released.
     """
 
     def __init__(self, count: int, dim: int, width: int, *, dtype: torch.dtype, device: torch.device | str,
@@ -43,10 +48,10 @@ class SystemSums:
         self.dtype, self.device = dtype, torch.device(device)
         self.sum_dtype = sum_dtype or dtype
         self.ratio = reduce_non_diagonal_ratio
-        self.anchor: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None  # W_1 as (B, width, d)
         self.packed_sum: torch.Tensor | None = None  # S
-        self.rhs: torch.Tensor | None = None  # R
-        self.target: torch.Tensor | None = None  # T
+        self.rhs: torch.Tensor | None = None  # R^T, (B, width, d)
+        self.target: torch.Tensor | None = None  # T^T, (B, width, d)
         self._scaled: torch.Tensor | None = None  # one candidate's s_i G_i, packed
         self._full: torch.Tensor | None = None  # one candidate's s_i G~_i in full (then A)
         self.noise = torch.finfo(dtype).eps
@@ -57,9 +62,9 @@ class SystemSums:
     def set_anchor(self, weights: torch.Tensor) -> None:
         """The first candidate's (B, d, width) weights; the others enter as differences from them. Consumed:
         ``solve`` adds the corrections to them in place when dtype and device allow."""
-        self.anchor = weights.to(self.device, self.dtype)
-        self.rhs = self._zeros(self.dim, self.width)
-        self.target = self._zeros(self.dim, self.width)
+        self.anchor = weights.mT.to(self.device, self.dtype)
+        self.rhs = self._zeros(self.width, self.dim)
+        self.target = self._zeros(self.width, self.dim)
 
     def add(self, packed_grams: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor | None = None,
             share: float = 0.0) -> None:
@@ -84,15 +89,15 @@ class SystemSums:
         if weights is not None:
             if self.anchor is None:
                 raise ValueError("set_anchor() before adding a candidate's weights")
-            difference = weights.to(self.device, self.dtype, non_blocking=True).sub_(self.anchor)
+            difference = weights.mT.to(self.device, self.dtype, non_blocking=True).sub_(self.anchor)
             self.target.add_(difference, alpha=share)
             self._add_product(scaled, difference)
 
     def _add_product(self, scaled: torch.Tensor, difference: torch.Tensor) -> None:
-        """R += G~ D for one candidate's scaled packed Grams G and its difference D from the anchor."""
-        if self.ratio == 0.0:  # G~ = diag(G): a row scaling, no product
+        """R^T += D^T G~ for one candidate's scaled packed Grams G and its difference D^T from the anchor."""
+        if self.ratio == 0.0:  # G~ = diag(G): a scaling of the columns, no product
             diagonal = scaled[:, diagonal_positions(self.dim, str(self.device))]
-            self.rhs.addcmul_(diagonal.unsqueeze(-1), difference)
+            self.rhs.addcmul_(diagonal.unsqueeze(-2), difference)
             return
         if self._full is None:
             self._full = torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
@@ -100,29 +105,31 @@ class SystemSums:
         if self.ratio != 1.0:
             full.diagonal(dim1=-2, dim2=-1).div_(self.ratio)
         if self.sum_dtype == self.dtype:
-            self.rhs.baddbmm_(full, difference, alpha=self.ratio)
+            self.rhs.baddbmm_(difference, full, alpha=self.ratio)
         else:  # the product, a included, rounded in ``dtype``: float64 sums of those are exact
-            self.rhs += torch.baddbmm(difference, full, difference, beta=0.0, alpha=self.ratio)  # beta 0: no input
+            self.rhs += torch.baddbmm(difference, difference, full, beta=0.0, alpha=self.ratio)  # beta 0: no input
 
     def partial_sums(self) -> list[torch.Tensor]:
-        """S (packed, (B, d(d+1)/2), before the off-diagonal reduction), R and T: the live tensors, to
-        sum element-wise across processes before ``solve`` (zeros where this process added nothing)."""
+        """S (packed, (B, d(d+1)/2), before the off-diagonal reduction), R^T and T^T ((B, width, d)): the
+        live tensors, all contiguous, to sum element-wise across processes before ``solve`` (zeros
+        where this process added nothing)."""
         if self.packed_sum is None:
             self.packed_sum = self._zeros(packed_length(self.dim))
         if self.rhs is None:
-            self.rhs, self.target = self._zeros(self.dim, self.width), self._zeros(self.dim, self.width)
+            self.rhs, self.target = self._zeros(self.width, self.dim), self._zeros(self.width, self.dim)
         return [self.packed_sum, self.rhs, self.target]
 
     def solve(self, noise: float | None = None) -> SolveResult:
-        """anchor + A^-1 R for every system (``solve.solve_batch``: Cholesky, float64 redo, ridge fallback)."""
+        """anchor + A^-1 R for every system (``solve.solve_batch``: Cholesky, float64 redo, ridge fallback),
+        as (B, d, width) in the anchor's own memory and layout."""
         if self.packed_sum is None or self.anchor is None:
             raise ValueError("no candidate was added")
         matrix = self._full if self._full is not None else \
             torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
         unpack_upper(self._reduced_sum(), self.dim, out=matrix)
-        rhs, target = self.rhs.to(self.dtype), self.target.to(self.dtype)
+        rhs, target = self.rhs.to(self.dtype).mT, self.target.to(self.dtype).mT
         self.packed_sum = self._scaled = self._full = self.rhs = self.target = None
-        result = solve_batch(matrix, rhs, self.anchor, target, noise=max(self.noise, noise or 0.0))
+        result = solve_batch(matrix, rhs, self.anchor.mT, target, noise=max(self.noise, noise or 0.0))
         self.anchor = None
         return result
 

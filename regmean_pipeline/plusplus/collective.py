@@ -46,7 +46,11 @@ class TorchrunCollective(Collective):
         sum_in_place(tensors)
 
     def broadcast_(self, tensor: torch.Tensor, source: int) -> None:
-        dist.broadcast(tensor, source)
+        # torch.distributed sends contiguous tensors only; a solution is a transposed view (SystemSums).
+        dense = tensor if tensor.is_contiguous() else tensor.contiguous()
+        dist.broadcast(dense, source)
+        if dense is not tensor:
+            tensor.copy_(dense)
 
     def broadcast_text(self, text: str | None, source: int) -> str:
         return broadcast_text(text, source)
