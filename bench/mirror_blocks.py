@@ -1,6 +1,7 @@
 """The mirror's block size (cache/symmetric.MIRROR_BLOCK), measured on this machine: unpacking a solve
-batch's packed Grams into full symmetric matrices, per block size, against a plain copy of as many bytes
-and against the whole-matrix mirror it replaced (``triu(1)``, added back transposed).
+batch's packed Grams into full symmetric matrices (``unpack_upper``: row copies, then the blocked
+mirror), per block size, against a plain copy of as many bytes and against the unpacking it replaced
+(``masked_scatter_``, then a whole-matrix mirror: ``triu(1)`` added back transposed).
 
     python -m bench.mirror_blocks [--repeats 7]
 
@@ -61,7 +62,7 @@ def main() -> None:
             row.append(f"{best_ms(lambda: symmetric.unpack_upper(packed, dim, out=full), args.repeats):.1f}")
         symmetric.MIRROR_BLOCK = chosen
         rows.append(tuple(row))
-    header = ("batch", "copy", "whole-matrix mirror", *(f"block {b}" + (" (used)" if b == chosen else "")
+    header = ("batch", "copy", "before", *(f"block {b}" + (" (used)" if b == chosen else "")
                                                         for b in BLOCKS))
     print(f"unpack + mirror, ms (best of {args.repeats}); torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(markdown_table(header, rows))

@@ -100,11 +100,21 @@ def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
 
 def unpack_upper(packed: torch.Tensor, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The full symmetric (..., d, d) matrices from packed upper triangles (..., d(d+1)/2), written
-    into ``out`` when given (no other (d, d) tensor is made; ``out`` may hold anything before)."""
+    into ``out`` when given (no other (d, d) tensor is made; ``out`` may hold anything before).
+
+    Row i of the triangle is one contiguous run of the packed values: the d runs are copied in one
+    ``_foreach_copy_`` (masked_scatter_ tests the mask element by element, on one thread), then mirrored.
+    """
     dim = dim if dim is not None else dim_from_packed_length(packed.shape[-1])
     full = packed.new_empty(*packed.shape[:-1], dim, dim) if out is None else out
-    full.masked_scatter_(_upper_mask(dim, str(full.device)), packed.to(full.device, full.dtype))
+    rows = packed.to(full.device, full.dtype).split(_row_lengths(dim), dim=-1)
+    torch._foreach_copy_([full[..., i, i:] for i in range(dim)], rows)
     return mirror_upper_(full)
+
+
+@functools.lru_cache(maxsize=16)
+def _row_lengths(dim: int) -> tuple[int, ...]:
+    return tuple(range(dim, 0, -1))
 
 
 @functools.lru_cache(maxsize=16)
