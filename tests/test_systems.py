@@ -12,7 +12,7 @@ from regmean_pipeline.io.weights import StateDictWeights
 from regmean_pipeline.merge import executor
 from regmean_pipeline.merge.averaging import add_difference_, add_offset_, anchored_mean
 from regmean_pipeline.merge.plan import Candidate
-from regmean_pipeline.merge.systems import SystemSums
+from regmean_pipeline.merge.systems import Buffers, SystemSums
 from tests.reference import relative_error
 
 BATCH, DIM, WIDTH = 3, 2 * MIRROR_BLOCK + 40, 24  # three mirror blocks, the last one partial
@@ -100,7 +100,7 @@ def test_partial_sums_of_two_processes_add_up_to_one(sum_dtype):
     totals = [a + b for a, b in zip(*(part.partial_sums() for part in parts))]
     for live, total in zip(parts[0].partial_sums(), totals):  # the summed state goes back in place
         live.copy_(total)
-    assert [t.shape for t in totals] == [(BATCH, DIM * (DIM + 1) // 2), (BATCH, WIDTH, DIM), (BATCH, WIDTH, DIM)]
+    assert [t.shape for t in totals] == [(BATCH, DIM * (DIM + 1) // 2), (BATCH, DIM, WIDTH), (BATCH, WIDTH, DIM)]
     assert all(t.is_contiguous() for t in parts[1].partial_sums())  # as torch.distributed needs them
     expected = whole.solve().solution
     solution = parts[0].solve().solution
@@ -180,3 +180,21 @@ def test_averaged_parameters_in_row_chunks_equal_one_piece(monkeypatch):
         assert torch.equal(executor.average_parameter(name, candidates, 6.0), whole[name]), name
     assert torch.equal(whole["ids"], states[0]["ids"])
     assert whole["scalar"].item() == pytest.approx((2.0 + 2 * 3.0 + 3 * 4.0) / 6)
+
+
+def test_batches_sharing_buffers_solve_as_fresh_ones():
+    """One Buffers for a merge's consecutive batches (larger, then smaller and of another width): each batch
+    gives the very result it gives with storage of its own, and the storage is reused, not grown."""
+    buffers = Buffers()
+    for seed, ratio in ((4, 0.95), (5, 0.0), (6, 1.0)):
+        grams, weights, scales, coefficients = systems(seed=seed, count=3)
+        results = []
+        for shared in (None, buffers):
+            sums = SystemSums(BATCH, DIM, WIDTH - seed, dtype=torch.float32, device="cpu",
+                              reduce_non_diagonal_ratio=ratio, buffers=shared)
+            sums.set_anchor(stacked(weights[0][..., :WIDTH - seed]))
+            fill(sums, grams, [w[..., :WIDTH - seed] for w in weights], scales, coefficients, range(3))
+            results.append(sums.solve().solution)
+        assert torch.equal(*results)
+    sizes = {key: flat.numel() for key, flat in buffers._flat.items()}
+    assert sizes[("full", torch.float32, torch.device("cpu"))] == BATCH * DIM * DIM

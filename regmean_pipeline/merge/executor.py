@@ -25,7 +25,7 @@ from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
 from regmean_pipeline.merge.averaging import anchored_mean
 from regmean_pipeline.merge.plan import Candidate, GramSource, MergePlan, MergeSettings, SolveBatch
 from regmean_pipeline.merge.solve import SolveResult
-from regmean_pipeline.merge.systems import SystemSums
+from regmean_pipeline.merge.systems import Buffers, SystemSums
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     pin = torch.device(device).type == "cuda"
     wait_started = time.perf_counter()
     sums = None
+    buffers = Buffers()  # the batches are solved one after another: each reuses the storage of the last
     for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item, pin)):
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
@@ -157,7 +158,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
                               dtype=torch.float64)
         if candidate is first:
             sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=dtype, device=device,
-                              reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio)
+                              reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio, buffers=buffers)
             sums.set_anchor(weights)
             sums.add(packed, scales)
         else:

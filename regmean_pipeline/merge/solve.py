@@ -52,14 +52,17 @@ def _cholesky(matrix: torch.Tensor, workspace: torch.Tensor | None) -> tuple[tor
     return torch.linalg.cholesky_ex(matrix.mT, out=(workspace.mT, info))
 
 
-def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """A^-1 rhs from the lower factor L of A = L L^T: two triangular solves in one new tensor.
+def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A^-1 rhs from the lower factor L of A = L L^T: two triangular solves in one new row-major tensor.
 
-    ``torch.cholesky_solve`` clones both operands into column-major copies; ``solve_triangular`` with
-    ``out`` works in place on a right-hand side in either layout (a row-major one by solving the
-    transposed system) and reads a column-major factor as it is.
+    MKL's triangular solves run about twice as fast on a right-hand side whose rows (the width) are
+    contiguous as on one whose columns are (measured on AVX-512 for d = 1024, width 3072 to 5632; as
+    fast as a GEMM of the same flops), so rhs is copied into a row-major correction, whatever its own
+    layout (``out``: a contiguous tensor shaped like rhs), and solved there in place: ``solve_triangular`` with ``out`` solves the transposed system
+    for a row-major right-hand side and reads a column-major factor as it is. (``torch.cholesky_solve``
+    instead clones both operands into column-major copies.)
     """
-    correction = torch.empty_like(rhs)  # in rhs's layout: rhs is copied into it as it is
+    correction = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device) if out is None else out
     torch.linalg.solve_triangular(factor, rhs, upper=False, out=correction)
     return torch.linalg.solve_triangular(factor.mT, correction, upper=True, out=correction)
 
@@ -105,7 +108,7 @@ def _probe_block(width: int, like: torch.Tensor) -> torch.Tensor:
 
 def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
                 fallback_target: torch.Tensor, *, noise: float | None = None,
-                workspace: torch.Tensor | None = None) -> SolveResult:
+                workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> SolveResult:
     """Solve matrix @ D = rhs for a batch of symmetric PSD systems and return anchor + D.
 
     Cholesky where positive definite (float32 solves with a poor condition estimate are redone in
@@ -118,8 +121,8 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
     solved exactly (the least-squares optimum); directions no input reached, or only rounding did,
     keep the plain average instead of being blown up by it.
 
-    ``workspace`` (shaped like ``matrix``, free to overwrite) receives the Cholesky factor, so a
-    batch needs no third (B, d, d) tensor. The residual ||A D - rhs||_F is estimated from a block of
+    ``workspace``, when given, is two tensors free to overwrite, shaped like ``matrix`` and ``rhs``: they
+    receive the Cholesky factor and the correction, which are otherwise made anew. The residual ||A D - rhs||_F is estimated from a block of
     RESIDUAL_PROBES random columns instead of the full product, which would cost as much as the solve.
     """
     dtype = matrix.dtype
@@ -128,8 +131,9 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
     batch, _, width = rhs.shape
     probes = _probe_block(width, rhs)
     rhs_probed = _times_probes(rhs, probes)
-    factor, info = _cholesky(matrix, workspace)
-    correction = _cholesky_solve(factor, rhs)
+    factor_space, correction_space = workspace if workspace is not None else (None, None)
+    factor, info = _cholesky(matrix, factor_space)
+    correction = _cholesky_solve(factor, rhs, correction_space)
     # The probe block of the residual estimate doubles as the finiteness check: a NaN or Inf anywhere
     # in a system's correction reaches its product with the (nowhere zero) probes, at the cost of one
     # read, where isfinite() makes four passes and three temporaries as large as the correction.

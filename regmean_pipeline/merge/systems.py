@@ -14,19 +14,23 @@ the one (d, d) matrix per system; only R needs each candidate's full G~_i, and t
 rides on the product (G~_i D = a (G_i + (1/a - 1) diag(G_i)) D: the diagonal is rescaled, a is the
 GEMM's alpha), so no pass over a (d, d) matrix is spent on it.
 
-R and T are held as their transposes, (B, width, d) (R^T += D^T G~ with G~ symmetric): the layout in
+The anchor and the differences W_i - W_1 are held as their transposes, (B, width, d): the layout in
 which nn.Linear stores W, so weights stacked by ``executor.stack_weights`` (the transposed view of
-such storage) enter and the solutions leave without a transposing copy. Weights in any other layout
-work too, through strided views.
+such storage) enter and the solutions leave without a transposing copy (K + 1 of them per batch; the
+GEMMs take the transposed operand as it is). R is accumulated row-major, (B, d, width), the layout in
+which the triangular solves run fastest (``solve._cholesky_solve``); T, which only the fallback reads,
+as T^T. Weights in any other layout work too, through strided views.
 
 Every term is a sum over candidates, so candidates can be added in any grouping: one process adds
 them all (``regmean merge``), or each torchrun rank adds its own and the ranks sum ``partial_sums()``
-(S packed, R^T, T^T, all contiguous) element-wise before solving (RegMean++). With
+(S packed, R, T^T, all contiguous) element-wise before solving (RegMean++). With
 ``sum_dtype=torch.float64`` the sums are kept in float64 (the products still run in ``dtype``), which
 makes them independent of that grouping to their final rounding.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -34,37 +38,66 @@ from regmean_pipeline.cache.symmetric import diagonal_positions, packed_length, 
 from regmean_pipeline.merge.solve import SolveResult, solve_batch
 
 
+class Buffers:
+    """Storage kept from one solve batch to the next: one flat tensor per named use, grown to the
+    largest request. A fresh tensor of a batch's size costs a page fault per 4 KiB on first touch,
+    which on a CPU takes several times as long as a pass over it once mapped (bench/RESULTS.md)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised (shape) tensor in the storage of ``name``; it stays valid until ``name`` is taken again."""
+        key, size = (name, dtype, device), math.prod(shape)
+        flat = self._flat.pop(key, None)
+        if flat is None or flat.numel() < size:
+            del flat  # release the smaller one before the larger one is made
+            flat = torch.empty(size, dtype=dtype, device=device)
+        self._flat[key] = flat
+        return flat[:size].view(shape)
+
+
 class SystemSums:
     """S (packed), R and T of one solve batch, and its anchor; see the module docstring.
 
     Memory: S and one candidate's scaled packed Grams (each half a (d, d) matrix per system), one
     (d, d) matrix per system for the candidate's unpacked Grams, which ``solve`` reuses for A, and
-    the (width, d) tensors; ``solve`` adds the Cholesky factor once S is released.
+    the (d, width) tensors; ``solve`` adds the Cholesky factor once S is released. With ``buffers``
+    (one ``Buffers`` for all the batches of a merge, solved one after another) all of these are
+    taken from its storage instead of made anew.
     """
 
     def __init__(self, count: int, dim: int, width: int, *, dtype: torch.dtype, device: torch.device | str,
-                 reduce_non_diagonal_ratio: float, sum_dtype: torch.dtype | None = None) -> None:
+                 reduce_non_diagonal_ratio: float, sum_dtype: torch.dtype | None = None,
+                 buffers: Buffers | None = None) -> None:
         self.count, self.dim, self.width = count, dim, width
         self.dtype, self.device = dtype, torch.device(device)
         self.sum_dtype = sum_dtype or dtype
         self.ratio = reduce_non_diagonal_ratio
-        self.anchor: torch.Tensor | None = None  # W_1 as (B, width, d)
+        self.buffers = buffers
+        self.anchor: torch.Tensor | None = None  # W_1^T as (B, width, d): W_1's own layout
         self.packed_sum: torch.Tensor | None = None  # S
-        self.rhs: torch.Tensor | None = None  # R^T, (B, width, d)
+        self.rhs: torch.Tensor | None = None  # R, (B, d, width), row-major: as the triangular solves want it
         self.target: torch.Tensor | None = None  # T^T, (B, width, d)
         self._scaled: torch.Tensor | None = None  # one candidate's s_i G_i, packed
         self._full: torch.Tensor | None = None  # one candidate's s_i G~_i in full (then A)
         self.noise = torch.finfo(dtype).eps
 
-    def _zeros(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(self.count, *shape, dtype=self.sum_dtype, device=self.device)
+    def _empty(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape, dtype = (self.count, *shape), dtype or self.dtype
+        if self.buffers is None:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return self.buffers.take(name, shape, dtype, self.device)
+
+    def _zeros(self, name: str, *shape: int) -> torch.Tensor:
+        return self._empty(name, *shape, dtype=self.sum_dtype).zero_()
 
     def set_anchor(self, weights: torch.Tensor) -> None:
         """The first candidate's (B, d, width) weights; the others enter as differences from them. Consumed:
         ``solve`` adds the corrections to them in place when dtype and device allow."""
         self.anchor = weights.mT.to(self.device, self.dtype)
-        self.rhs = self._zeros(self.width, self.dim)
-        self.target = self._zeros(self.width, self.dim)
+        self.rhs = self._zeros("rhs", self.dim, self.width)
+        self.target = self._zeros("target", self.width, self.dim)
 
     def add(self, packed_grams: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor | None = None,
             share: float = 0.0) -> None:
@@ -76,14 +109,15 @@ class SystemSums:
         column = scales.to(self.device, self.dtype).view(-1, 1)
         packed = packed_grams.to(self.device, non_blocking=True)
         if self.packed_sum is None and self.sum_dtype == self.dtype:  # the first Grams land in the sum itself
-            self.packed_sum = torch.empty(self.count, packed_length(self.dim), dtype=self.dtype, device=self.device)
+            self.packed_sum = self._empty("packed_sum", packed_length(self.dim))
             scaled = torch.mul(packed, column, out=self.packed_sum)
         else:
             if self._scaled is None:
-                self._scaled = torch.empty(self.count, packed_length(self.dim), dtype=self.dtype, device=self.device)
+                self._scaled = self._empty("scaled", packed_length(self.dim))
             scaled = torch.mul(packed, column, out=self._scaled)
             if self.packed_sum is None:
-                self.packed_sum = scaled.to(self.sum_dtype, copy=True)
+                self.packed_sum = self._empty("packed_sum", packed_length(self.dim), dtype=self.sum_dtype)
+                self.packed_sum.copy_(scaled)
             else:
                 self.packed_sum += scaled
         if weights is not None:
@@ -91,32 +125,32 @@ class SystemSums:
                 raise ValueError("set_anchor() before adding a candidate's weights")
             difference = weights.mT.to(self.device, self.dtype, non_blocking=True).sub_(self.anchor)
             self.target.add_(difference, alpha=share)
-            self._add_product(scaled, difference)
+            self._add_product(scaled, difference.mT)
 
     def _add_product(self, scaled: torch.Tensor, difference: torch.Tensor) -> None:
-        """R^T += D^T G~ for one candidate's scaled packed Grams G and its difference D^T from the anchor."""
-        if self.ratio == 0.0:  # G~ = diag(G): a scaling of the columns, no product
+        """R += G~ D for one candidate's scaled packed Grams G and its (B, d, width) difference D from the anchor."""
+        if self.ratio == 0.0:  # G~ = diag(G): a scaling of the rows, no product
             diagonal = scaled[:, diagonal_positions(self.dim, str(self.device))]
-            self.rhs.addcmul_(diagonal.unsqueeze(-2), difference)
+            self.rhs.addcmul_(diagonal.unsqueeze(-1), difference)
             return
         if self._full is None:
-            self._full = torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
+            self._full = self._empty("full", self.dim, self.dim)
         full = unpack_upper(scaled, self.dim, out=self._full)
         if self.ratio != 1.0:
             full.diagonal(dim1=-2, dim2=-1).div_(self.ratio)
         if self.sum_dtype == self.dtype:
-            self.rhs.baddbmm_(difference, full, alpha=self.ratio)
+            self.rhs.baddbmm_(full, difference, alpha=self.ratio)
         else:  # the product, a included, rounded in ``dtype``: float64 sums of those are exact
-            self.rhs += torch.baddbmm(difference, difference, full, beta=0.0, alpha=self.ratio)  # beta 0: no input
+            self.rhs += torch.baddbmm(difference, full, difference, beta=0.0, alpha=self.ratio)  # beta 0: no input
 
     def partial_sums(self) -> list[torch.Tensor]:
-        """S (packed, (B, d(d+1)/2), before the off-diagonal reduction), R^T and T^T ((B, width, d)): the
-        live tensors, all contiguous, to sum element-wise across processes before ``solve`` (zeros
-        where this process added nothing)."""
+        """S (packed, (B, d(d+1)/2), before the off-diagonal reduction), R ((B, d, width)) and T^T
+        ((B, width, d)): the live tensors, all contiguous, to sum element-wise across processes before
+        ``solve`` (zeros where this process added nothing)."""
         if self.packed_sum is None:
-            self.packed_sum = self._zeros(packed_length(self.dim))
+            self.packed_sum = self._zeros("packed_sum", packed_length(self.dim))
         if self.rhs is None:
-            self.rhs, self.target = self._zeros(self.width, self.dim), self._zeros(self.width, self.dim)
+            self.rhs, self.target = self._zeros("rhs", self.dim, self.width), self._zeros("target", self.width, self.dim)
         return [self.packed_sum, self.rhs, self.target]
 
     def solve(self, noise: float | None = None) -> SolveResult:
@@ -124,12 +158,14 @@ class SystemSums:
         as (B, d, width) in the anchor's own memory and layout."""
         if self.packed_sum is None or self.anchor is None:
             raise ValueError("no candidate was added")
-        matrix = self._full if self._full is not None else \
-            torch.empty(self.count, self.dim, self.dim, dtype=self.dtype, device=self.device)
+        matrix = self._full if self._full is not None else self._empty("full", self.dim, self.dim)
         unpack_upper(self._reduced_sum(), self.dim, out=matrix)
-        rhs, target = self.rhs.to(self.dtype).mT, self.target.to(self.dtype).mT
+        rhs, target = self.rhs.to(self.dtype), self.target.to(self.dtype).mT
         self.packed_sum = self._scaled = self._full = self.rhs = self.target = None
-        result = solve_batch(matrix, rhs, self.anchor.mT, target, noise=max(self.noise, noise or 0.0))
+        workspace = None if self.buffers is None else (self._empty("factor", self.dim, self.dim),
+                                                       self._empty("correction", self.dim, self.width))
+        result = solve_batch(matrix, rhs, self.anchor.mT, target, noise=max(self.noise, noise or 0.0),
+                             workspace=workspace)
         self.anchor = None
         return result
 
