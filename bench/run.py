@@ -181,7 +181,10 @@ def cache_ratio(cache: Path) -> tuple[int, int]:
     return on_disk, full
 
 
-def merge_comparison(caches: Path, root: Path) -> dict:
+def merge_comparison(caches: Path, root: Path, matmul_size: int) -> dict:
+    # The matmul rate the solve phase is compared with, measured just before it: on a shared machine the
+    # load changes between the bench's first minute and this merge.
+    rate = matmul_rate(matmul_size, torch.device("cpu"), torch.float32)
     ours = child_merge("ours", caches, root / "merged_ours")
     theirs = child_merge("fusionbench", caches, root / "merged_fusionbench")
     differences = relative_differences(root / "merged_ours", root / "merged_fusionbench")
@@ -191,6 +194,7 @@ def merge_comparison(caches: Path, root: Path) -> dict:
     ours_vs_exact, theirs_vs_exact = float64_check(caches, root / "merged_ours", root / "merged_fusionbench", disputed)
     candidates = [p for p in sorted(caches.iterdir()) if (p / "manifest.json").exists()]
     return {"ours": ours, "fusionbench": theirs, "max_relative_difference": max(differences.values()),
+            "matmul_flops": rate,
             "solve_flops": regmean_solve_flops(read_manifest(candidates[0]), len(candidates)),
             "disputed_tensors": len(disputed), "ours_vs_float64": max(ours_vs_exact, default=0.0),
             "fusionbench_vs_float64": max(theirs_vs_exact, default=0.0)}
@@ -242,7 +246,7 @@ def measure(work: Path, sizes: Sizes) -> dict:
     llama_caches = make_candidates(llama_base, llama_root, 4, sizes.candidate_examples_llama, sizes, "llama")
     for name, caches in (("minilm", minilm_caches), ("llama", llama_caches)):
         log.info("merge: %s, ours vs FusionBench", name)
-        results[f"merge_{name}"] = merge_comparison(caches, work / name)
+        results[f"merge_{name}"] = merge_comparison(caches, work / name, sizes.matmul)
         results[f"cache_{name}"] = cache_ratio(next(p for p in sorted(caches.iterdir()) if p.is_dir()))
 
     for name, root, k, examples in (("minilm", work / "minilm", 5, sizes.candidate_examples_minilm),
@@ -302,11 +306,11 @@ def table(results: dict) -> str:
         row(f"merge {label} K={k}: wall s, FusionBench incl. loading Grams/weights + save",
             f"{ours['wall_s']:.1f}", f"{theirs['wall_s']:.1f}", f"{theirs['wall_s'] / ours['wall_s']:.2f}x faster",
             ">= 2x", theirs["wall_s"] / ours["wall_s"] >= 2)
-        solve_rate = m["solve_flops"] / ours["timings"]["solve"]
+        solve_rate, local = m["solve_flops"] / ours["timings"]["solve"], m["matmul_flops"]
         target = name == "llama"  # the compute-bound case; MiniLM's small systems are shown for reference
-        row(f"merge {label} K={k}: solve phase GFLOP/s (RegMean's flops) vs matmul", f"{solve_rate / 1e9:.1f}",
-            f"{matmul / 1e9:.1f}", f"{solve_rate / matmul:.2f}", ">= 0.80" if target else "",
-            solve_rate / matmul >= 0.8 if target else None)
+        row(f"merge {label} K={k}: solve phase GFLOP/s (RegMean's flops) vs matmul measured before it",
+            f"{solve_rate / 1e9:.1f}", f"{local / 1e9:.1f}", f"{solve_rate / local:.2f}", ">= 0.80" if target else "",
+            solve_rate / local >= 0.8 if target else None)
         row(f"merge {label} K={k}: peak RSS MiB", f"{ours['peak_rss'] / 2**20:.0f}",
             f"{theirs['peak_rss'] / 2**20:.0f}", f"{ours['peak_rss'] / theirs['peak_rss']:.2f}x", "")
         diff = m["max_relative_difference"]
