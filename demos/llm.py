@@ -159,6 +159,11 @@ def run(out: Path, recipe: Recipe, *, device: str = "cpu") -> dict:
                     "--messages-column", "messages", "--tokens", tokens, "--num-examples", recipe.stats_examples,
                     "--device", device, "--out", out / caches / name, "--overwrite")
         regmean("merge", "--cache-dir", out / caches, "--out", merged / target, "--device", device, "--overwrite")
+    # RegMean++: the same adapters and examples, each block measured on the merged model's own hidden states.
+    pairs = [arg for name in CHAT_TASKS for arg in ("--model", f"{name}={out / 'adapters' / name}",
+                                                    "--dataset", f"{name}={out / 'tasks' / name / 'train.jsonl'}")]
+    regmean("merge", "--method", "regmean++", *pairs, "--messages-column", "messages", "--num-examples",
+            recipe.stats_examples, "--out", merged / "regmean_plusplus", "--device", device, "--overwrite")
     regmean("merge", "--method", "average", "--cache-dir", out / "caches", "--out", merged / "average",
             "--device", device, "--overwrite")
     for scaling in recipe.scalings:
@@ -167,7 +172,8 @@ def run(out: Path, recipe: Recipe, *, device: str = "cpu") -> dict:
                 "--overwrite")
     methods = [f"base={out / 'base'}", f"individual={out / 'adapters'}", f"average={merged / 'average'}"]
     methods += [f"task-arithmetic-{s}={merged / f'task_arithmetic_{s}'}" for s in recipe.scalings]
-    methods += [f"regmean={merged / 'regmean'}", f"regmean-response-tokens={merged / 'regmean_response'}"]
+    methods += [f"regmean={merged / 'regmean'}", f"regmean-response-tokens={merged / 'regmean_response'}",
+                f"regmean++={merged / 'regmean_plusplus'}"]
     regmean("eval", *[f"--task={out / 'tasks' / name}" for name in CHAT_TASKS],
             *[f"--method={method}" for method in methods], "--reference", "individual", "--device", device,
             "--out", out / "eval", "--overwrite", "--reuse-scores",

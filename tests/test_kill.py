@@ -6,6 +6,7 @@ SIGKILLs, the disk fills up through RLIMIT_FSIZE, and every check reads the file
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -208,7 +209,11 @@ def test_two_stats_runs_on_one_output(workspace, tmp_path):
     with faults.trial("two stats runs writing one OUT"):
         first = processes.start(*stats_args(workspace, out, "--checkpoint-every", 10), log=tmp_path / "first")
         assert processes.wait_for(lambda: checkpoint_batches(out) >= 10, run=first)
-        code, output = processes.run(*stats_args(workspace, out, "--overwrite"), log=tmp_path / "second")
+        os.kill(first.pid, signal.SIGSTOP)  # held mid-run (its lock held), however fast the machine is
+        try:
+            code, output = processes.run(*stats_args(workspace, out, "--overwrite"), log=tmp_path / "second")
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert code == 2 and "another regmean run is writing it right now" in output, output
         assert first.wait() == 0, first.output()
         cache = GramCache(out)

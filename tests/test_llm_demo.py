@@ -22,7 +22,7 @@ def walkthrough(tmp_path_factory):
 def test_walkthrough_trains_adapters_merges_and_scores_every_method(walkthrough):
     out, results = walkthrough
     assert list(results["methods"]) == ["base", "individual", "average", "task-arithmetic-0.5", "regmean",
-                                        "regmean-response-tokens"]
+                                        "regmean-response-tokens", "regmean++"]
     assert [t["name"] for t in results["tasks"]] == list(CHAT_TASKS)
     assert {t["metric"] for t in results["tasks"]} == {"loss"}
     for name in CHAT_TASKS:
