@@ -62,8 +62,27 @@ def process_group() -> Iterator[Ranks]:
     log.info("rank %d of %d joined the process group (%s)", ranks.rank, ranks.world, backend)
     try:
         yield ranks
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_together()
+    dist.destroy_process_group()
+
+
+def leave_together() -> None:
+    """Wait for every rank before the group is torn down.
+
+    A rank that destroys its gloo group while another still works (rank 0 publishing the output) has been
+    seen to abort at exit (SIGABRT, "terminate called without an active exception"), which torchrun
+    reports as a failed job; torch.distributed expects every rank to destroy the group at the same point.
+    A rank that failed instead closes its connections, and the others stop here with one line.
+    """
+    try:
+        dist.barrier()
+    except RuntimeError as exc:  # a peer exited: gloo reports the closed connection
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RegMeanError(f"another rank of this torchrun job failed before finishing ({reason}); see its output") \
+            from None
 
 
 def rank_device(ranks: Ranks, name: str | None) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,3 +182,38 @@ def test_layer_parallel_merge_under_torchrun_equals_one_process(workspace, cli, 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "two")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[2, 9, 10, 3]])).logits).all()
+
+
+LEAVE_SCRIPT = """
+import sys
+from regmean_pipeline.distributed import all_ok, process_group
+from regmean_pipeline.errors import RegMeanError
+try:
+    with process_group() as ranks:
+        all_ok(True)  # the last collective of a stage; rank 0 then publishes
+        if ranks.rank == 0 and sys.argv[1] == "fail":
+            raise SystemExit(3)
+except RegMeanError as exc:
+    print(f"rank {ranks.rank}: {exc}", flush=True)
+    raise SystemExit(2)
+print(f"rank {ranks.rank}: left", flush=True)
+"""
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_ranks_leave_the_group_together(tmp_path, outcome):
+    """Every rank waits for the others before tearing the group down; when rank 0 fails after the last
+    collective (while publishing), the other rank stops with one line instead of reporting success."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), outcome], capture_output=True, text=True, env=env, timeout=300)
+    if outcome == "ok":
+        assert result.returncode == 0, result.stderr[-3000:]
+        # both ranks share one stdout, so their lines may interleave
+        assert sorted(re.findall(r"rank \d: left", result.stdout)) == ["rank 0: left", "rank 1: left"], result.stdout
+    else:
+        assert result.returncode != 0
+        assert "rank 1: another rank of this torchrun job failed before finishing" in result.stdout, result.stdout
+        assert "rank 0: left" not in result.stdout
