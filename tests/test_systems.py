@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from regmean_pipeline.cache import symmetric as symmetric_module
 from regmean_pipeline.cache.symmetric import MIRROR_BLOCK, mirror_upper_, pack_upper, unpack_upper
 from regmean_pipeline.io.weights import StateDictWeights
 from regmean_pipeline.merge import executor
@@ -126,7 +127,10 @@ def test_copies_of_one_model_come_back_bit_for_bit(ratio):
     assert solution.contiguous().numpy().tobytes() == anchor.numpy().tobytes()
 
 
-def test_mirror_reads_only_the_upper_triangle_and_copies_exactly():
+@pytest.mark.parametrize("gather_max_dim", [0, DIM], ids=["row-copies-and-mirror", "one-gather"])
+def test_mirror_reads_only_the_upper_triangle_and_copies_exactly(monkeypatch, gather_max_dim):
+    """Both ways of unpacking (below and above symmetric.GATHER_MAX_DIM) give the matrix byte for byte."""
+    monkeypatch.setattr(symmetric_module, "GATHER_MAX_DIM", gather_max_dim)
     torch.manual_seed(0)
     x = torch.randn(2, DIM, DIM)
     symmetric = x + x.mT
