@@ -1,5 +1,5 @@
 # The image the Kubernetes example in docs/scale.md runs: a PyTorch base image (torch and CUDA already
-# there) plus this package with its `scale` extra (s3fs for s3:// caches, accelerate for --device-map).
+# there) plus this package with its `scale` extra (s3fs for s3:// caches).
 # Not built by CI here: no test builds or runs this image. Build and push it yourself:
 #   docker build -t your-registry/regmean-pipeline:latest .
 #   docker build --build-arg BASE=pytorch/pytorch:TAG -t ... .    # another torch / CUDA pair

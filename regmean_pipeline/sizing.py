@@ -22,7 +22,7 @@ from regmean_pipeline.cache.manifest import LayerEntry
 from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.adapters import ADAPTER_WEIGHTS, is_adapter
-from regmean_pipeline.io.weights import adapter_base_dir
+from regmean_pipeline.io.weights import adapter_base_dir, open_weights
 from regmean_pipeline.measure.linear import find_linear_layers
 from regmean_pipeline.measure.models import forward_inputs, load_config, model_class, tied_parameter_names
 from regmean_pipeline.measure.passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
@@ -98,6 +98,30 @@ class RunSizes:
         return asdict(self)
 
 
+def stored_apart(model: nn.Module, tied: set[str], folder: Path) -> set[str]:
+    """The names among ``tied`` that a local checkpoint holds with values of their own.
+
+    A model built from its config ties what the config says (T5's lm_head and embeddings, for one);
+    ``from_pretrained`` unties a pair whose checkpoint tensors differ, and `regmean stats` then measures
+    that lm_head as a linear layer of its own. Only a local folder is read, and only those tensors."""
+    if not tied or not folder.is_dir():
+        return set()
+    try:
+        weights = open_weights(folder)
+        stored = set(weights.names())
+    except (RegMeanError, OSError):
+        return set()
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+    untied = set()
+    for name in tied & stored:
+        partner = first[id(model.get_parameter(name))]
+        if partner in stored and not torch.equal(weights.get(name), weights.get(partner)):
+            untied.add(name)
+    return untied
+
+
 def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = None,
              accumulate_dtype: torch.dtype = torch.float32, solve_dtype: torch.dtype = torch.float32,
              batch_memory: int = 1 << 30, gram_budget: int | None = None,
@@ -112,6 +136,8 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     weight_dtype = getattr(torch, dtype or str(declared or "float32").replace("torch.", ""))
     model = meta_model(config, dtype=weight_dtype, trust_remote_code=trust_remote_code)
     tied = tied_parameter_names(model)
+    untied = stored_apart(model, tied, base_dir or Path(reference).expanduser())
+    tied -= untied
     layers = [layer for layer in find_linear_layers(model) if layer.weight not in tied]
     batch = _meta_batch(model, config)
     try:
@@ -128,6 +154,7 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     parameters = {name: p for name, p in model.named_parameters()}  # tied ones appear once
     saved = set(model.state_dict())
     buffers = {name: b for name, b in model.named_buffers() if name in saved}  # non-persistent ones are not saved
+    parameters.update({name: model.get_parameter(name) for name in untied})
     output_bytes = sum(t.numel() * t.element_size() for t in (*parameters.values(), *buffers.values()))
     budget = gram_budget or sum(gram_bytes(d, accumulate_dtype) for d in dims)
 
