@@ -77,8 +77,8 @@ def leave_together() -> None:
     reports as a failed job; torch.distributed expects every rank to destroy the group at the same point.
     A rank that failed instead closes its connections, and the others stop here with one line.
     """
-    try:
-        dist.barrier()
+    try:  # a CPU tensor, so gloo carries it under "cpu:gloo,cuda:nccl" too: it notices a peer that exited
+        dist.all_reduce(torch.zeros(1, dtype=torch.int64))
     except RuntimeError as exc:  # a peer exited: gloo reports the closed connection
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RegMeanError(f"another rank of this torchrun job failed before finishing ({reason}); see its output") \
