@@ -24,7 +24,13 @@ from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.adapters import ADAPTER_WEIGHTS, is_adapter
 from regmean_pipeline.io.weights import adapter_base_dir, open_weights
 from regmean_pipeline.measure.linear import find_linear_layers
-from regmean_pipeline.measure.models import forward_inputs, load_config, model_class, tied_parameter_names
+from regmean_pipeline.measure.models import (
+    forward_inputs,
+    load_config,
+    model_class,
+    parameter_aliases,
+    tied_parameter_names,
+)
 from regmean_pipeline.measure.passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
 from regmean_pipeline.merge.plan import GramGroup, MergeSettings, solve_batches, system_bytes
 
@@ -111,15 +117,9 @@ def stored_apart(model: nn.Module, tied: set[str], folder: Path) -> set[str]:
         stored = set(weights.names())
     except (RegMeanError, OSError):
         return set()
-    first: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(param), name)
-    untied = set()
-    for name in tied & stored:
-        partner = first[id(model.get_parameter(name))]
-        if partner in stored and not torch.equal(weights.get(name), weights.get(partner)):
-            untied.add(name)
-    return untied
+    aliases = parameter_aliases(model)
+    return {name for name in tied & stored
+            if aliases[name][0] in stored and not torch.equal(weights.get(name), weights.get(aliases[name][0]))}
 
 
 def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = None,

@@ -255,11 +255,13 @@ def gather_rank_results(stage: Path, world: int) -> dict:
     return {"layers": layers, "timings": {**timings, "per_rank": per_rank}}
 
 
-BLOCKWISE_ONLY = ("datasets", "split", "text_column", "text_pair_column", "image_column", "num_examples", "seed",
-                  "max_length", "batch_size", "num_workers", "include_padding", "dtype", "accumulate_dtype",
-                  "activation_memory", "spill_dir", "checkpoint_every", "resume", "trust_remote_code",
-                  "messages_column", "prompt_columns", "response_column", "system_column", "tokens", "base_model",
-                  "attn_implementation")
+# Options that decide which examples each candidate's blocks see under --method regmean++, hence the merged bytes.
+BLOCKWISE_DATA = ("split", "text_column", "text_pair_column", "image_column", "num_examples", "seed", "max_length",
+                  "batch_size", "include_padding", "dtype", "accumulate_dtype", "messages_column", "prompt_columns",
+                  "response_column", "system_column", "tokens", "base_model", "attn_implementation")
+# Everything only --method regmean++ reads: its data and its run's resources.
+BLOCKWISE_ONLY = ("datasets", *BLOCKWISE_DATA, "num_workers", "activation_memory", "spill_dir", "checkpoint_every",
+                  "resume", "trust_remote_code")
 
 
 def check_blockwise_options(options: MergeOptions) -> None:

@@ -38,15 +38,9 @@ from regmean_pipeline.plusplus.checkpoint import BlockwiseCheckpoints
 from regmean_pipeline.plusplus.collective import collective_for
 from regmean_pipeline.plusplus.runner import BlockwiseCandidate, BlockwiseMerge, BlockwiseSettings
 from regmean_pipeline.plusplus.skeleton import empty_model
-from stages.merge import REPORT_NAME, MergeOptions, build_report, write_cards
+from stages.merge import BLOCKWISE_DATA, REPORT_NAME, MergeOptions, build_report, write_cards
 
 log = logging.getLogger(__name__)
-
-
-# Options that decide which examples each candidate's blocks see, hence the merged bytes.
-DATA_SETTINGS = ("split", "text_column", "text_pair_column", "image_column", "num_examples", "seed", "max_length",
-                 "batch_size", "include_padding", "dtype", "accumulate_dtype", "messages_column", "prompt_columns",
-                 "response_column", "system_column", "tokens", "base_model", "attn_implementation")
 
 
 def run_plusplus(options: MergeOptions) -> dict:
@@ -85,12 +79,7 @@ def _check_options(options: MergeOptions, ranks: Ranks) -> None:
 def _candidate_batches(name: str, folder: Path, config, options: MergeOptions) -> list[dict[str, torch.Tensor]]:
     """The candidate's examples as model inputs, selected and batched as `regmean stats` does."""
     images = options.image_column is not None
-    path = options.datasets[name]
-    dataset = str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
-    spec = DatasetSpec(dataset, options.split, options.text_column, options.text_pair_column, options.image_column,
-                       options.num_examples, options.seed, options.max_length, options.messages_column,
-                       list(options.prompt_columns), options.response_column, options.system_column, None,
-                       options.tokens)
+    spec = DatasetSpec.from_options(options.datasets[name], options)
     examples = load_examples(spec, images=images)
     preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code,
                                      base_model=options.base_model)
@@ -110,7 +99,7 @@ def _identity(options: MergeOptions, candidates: list[Candidate]) -> dict:
     """What decides a run's result: a checkpoint of another run is refused on --resume."""
     from regmean_pipeline.io.weights import fingerprint
 
-    fields = ("datasets", *DATA_SETTINGS, "exclude", "reduce_non_diagonal_ratio", "gram_weighting", "solve_dtype",
+    fields = ("datasets", *BLOCKWISE_DATA, "exclude", "reduce_non_diagonal_ratio", "gram_weighting", "solve_dtype",
               "coefficients", "base")
     return {"candidates": {c.name: fingerprint(c.weights) for c in candidates},
             **{name: getattr(options, name) for name in fields}}
@@ -205,7 +194,7 @@ def _run(options: MergeOptions, ranks: Ranks) -> dict:
                               {"layers": result["layers"], "timings": result["timings"]}, device)
         # the data options decide the merged bytes too (a model card's config gives them back)
         report["settings"].update(method="regmean++", ranks=ranks.world, datasets=dict(options.datasets),
-                                  **{name: getattr(options, name) for name in DATA_SETTINGS})
+                                  **{name: getattr(options, name) for name in BLOCKWISE_DATA})
         for entry, (name, _) in zip(report["candidates"], options.models.items()):
             entry["dataset"] = {"path": options.datasets[name], **{key: getattr(options, key) for key in (
                 "split", "text_column", "text_pair_column", "image_column", "num_examples", "seed", "max_length")}}

@@ -168,13 +168,7 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
                                                    base_model=options.base_model)) if ranks.is_main else ""
     base_dir = adapter_base_dir(folder, options.base_model) if is_adapter(folder) else None
     images = options.image_column is not None
-    dataset = str(Path(options.dataset).expanduser().resolve()) if Path(options.dataset).expanduser().exists() \
-        else options.dataset
-    spec = DatasetSpec(dataset, options.split, options.text_column, options.text_pair_column,
-                       options.image_column, options.num_examples, options.seed, options.max_length,
-                       messages_column=options.messages_column, prompt_columns=list(options.prompt_columns),
-                       response_column=options.response_column, system_column=options.system_column,
-                       target_column=options.target_column, tokens=options.tokens)
+    spec = DatasetSpec.from_options(options.dataset, options)
     examples = select_share(load_examples(spec, images=images), shard, ranks)
     identity = {"fingerprint": weights_fingerprint, "dataset": spec.as_dict(),
                 "examples": examples_digest(examples, spec) if checkpointed else "", "batch_size": options.batch_size,

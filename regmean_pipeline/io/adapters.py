@@ -136,9 +136,9 @@ class LoraWeights:
                 raise RegMeanError(f"{path}: LoRA biases ({key}) are not supported")
             halves.setdefault(f"{match['module']}.weight", {})[match["which"]] = key
         for weight, pair in halves.items():
-            self._add_update(path, weight, pair)
+            self._add_update(path, weight, pair, base_names)
 
-    def _add_update(self, path: Path, weight: str, pair: dict[str, str]) -> None:
+    def _add_update(self, path: Path, weight: str, pair: dict[str, str], base_names: set[str]) -> None:
         if set(pair) != {"A", "B"}:
             raise RegMeanError(f"{path}: {weight.removesuffix('.weight')} has lora_{next(iter(pair))} "
                                "but not its other half")
@@ -147,7 +147,7 @@ class LoraWeights:
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise RegMeanError(f"{path}: LoRA on {module}, which is not a linear layer (a convolution?), is not "
                                "supported")
-        if weight not in set(self.base.names()):
+        if weight not in base_names:
             raise RegMeanError(f"{path}: LoRA on {module}, whose weight {weight} is not in the base "
                                f"{self.base_dir}; was the adapter made for another base?")
         out_in = (b_shape[0], a_shape[1])

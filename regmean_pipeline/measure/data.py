@@ -9,7 +9,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -55,6 +55,16 @@ class DatasetSpec:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_options(cls, dataset: str, options: object) -> DatasetSpec:
+        """The spec of ``dataset`` from the data options of a stage (`regmean stats`', or merge's for RegMean++,
+        which share their names; one it lacks keeps its default). A local path is made absolute, so that
+        manifests and checkpoints name it wherever the run was started."""
+        path = Path(dataset).expanduser()
+        chosen = {f.name: getattr(options, f.name) for f in fields(cls) if f.name != "path" and hasattr(options, f.name)}
+        chosen["prompt_columns"] = list(chosen.get("prompt_columns", ()))
+        return cls(str(path.resolve()) if path.exists() else dataset, **chosen)
 
     @property
     def is_chat(self) -> bool:

@@ -142,16 +142,18 @@ def forward_inputs(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
+def parameter_aliases(module: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name of that parameter, the first registered first (tied weights share one
+    object under several names)."""
+    groups: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    return {name: names for names in groups.values() for name in names}
+
+
 def tied_parameter_names(model: nn.Module) -> set[str]:
     """Parameter names that alias an earlier parameter (tied embeddings): not separately stored."""
-    first_names: dict[int, str] = {}
-    tied = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first_names:
-            tied.add(name)
-        else:
-            first_names[id(param)] = name
-    return tied
+    return {name for name, names in parameter_aliases(model).items() if names[0] != name}
 
 
 def check_finite_parameters(model: nn.Module, where: str) -> None:

@@ -186,12 +186,8 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
 
 
 def _gram_scale(candidate: Candidate, candidates: list[Candidate], key: str, settings: MergeSettings) -> float:
-    """Equal weighting divides each sum by its own token count (FusionBench's mean); tokens, by the total."""
-    if settings.gram_weighting == "tokens":
-        tokens = sum(c.grams.manifest.grams[key].tokens for c in candidates)
-    else:
-        tokens = candidate.grams.manifest.grams[key].tokens
-    return candidate.coefficient / tokens
+    return settings.gram_scale(candidate.coefficient, candidate.grams.manifest.grams[key].tokens,
+                               sum(c.grams.manifest.grams[key].tokens for c in candidates))
 
 
 # Rows of an averaged tensor are read and averaged in chunks of about this many elements, so a large

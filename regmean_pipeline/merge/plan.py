@@ -67,6 +67,11 @@ class MergeSettings:
         if self.solve_dtype not in (torch.float32, torch.float64):
             raise RegMeanError(f"--solve-dtype: must be float32 or float64, got {self.solve_dtype}")
 
+    def gram_scale(self, coefficient: float, own_tokens: int, all_tokens: int) -> float:
+        """A candidate's factor on its Gram sum: equal weighting divides each sum by its own token count
+        (FusionBench's mean); tokens weighting, by the total of every candidate's."""
+        return coefficient / (all_tokens if self.gram_weighting == "tokens" else own_tokens)
+
 
 @dataclass
 class GramGroup:

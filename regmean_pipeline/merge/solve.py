@@ -58,9 +58,9 @@ def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor, out: torch.Tensor |
     MKL's triangular solves run about twice as fast on a right-hand side whose rows (the width) are
     contiguous as on one whose columns are (measured on AVX-512 for d = 1024, width 3072 to 5632; as
     fast as a GEMM of the same flops), so rhs is copied into a row-major correction, whatever its own
-    layout (``out``: a contiguous tensor shaped like rhs), and solved there in place: ``solve_triangular`` with ``out`` solves the transposed system
-    for a row-major right-hand side and reads a column-major factor as it is. (``torch.cholesky_solve``
-    instead clones both operands into column-major copies.)
+    layout (``out``: a contiguous tensor shaped like rhs), and solved there in place: ``solve_triangular``
+    with ``out`` solves the transposed system for a row-major right-hand side and reads a column-major
+    factor as it is. (``torch.cholesky_solve`` instead clones both operands into column-major copies.)
     """
     correction = torch.empty(rhs.shape, dtype=rhs.dtype, device=rhs.device) if out is None else out
     torch.linalg.solve_triangular(factor, rhs, upper=False, out=correction)
@@ -122,8 +122,9 @@ def solve_batch(matrix: torch.Tensor, rhs: torch.Tensor, anchor: torch.Tensor,
     keep the plain average instead of being blown up by it.
 
     ``workspace``, when given, is two tensors free to overwrite, shaped like ``matrix`` and ``rhs``: they
-    receive the Cholesky factor and the correction, which are otherwise made anew. The residual ||A D - rhs||_F is estimated from a block of
-    RESIDUAL_PROBES random columns instead of the full product, which would cost as much as the solve.
+    receive the Cholesky factor and the correction, which are otherwise made anew. The residual
+    ||A D - rhs||_F is estimated from a block of RESIDUAL_PROBES random columns instead of the full
+    product, which would cost as much as the solve.
     """
     dtype = matrix.dtype
     dim = matrix.shape[-1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from regmean_pipeline.errors import RegMeanError
+from regmean_pipeline.io.atomic import replace_file
 from regmean_pipeline.io.safetensors_io import SafetensorsFileWriter, SafetensorsReader, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,6 @@ class BlockwiseCheckpoints:
     def _commit(self, identity: Mapping[str, Any]) -> None:
         units = self._committed + self._pending
         state = {"format": FORMAT, "version": 1, "identity": dict(identity), "units": units}
-        temporary = self.folder / f".{STATE_NAME}.tmp"
-        with open(temporary, "w") as file:
-            file.write(json.dumps(state, indent=1, default=str))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.folder / STATE_NAME)
+        replace_file(self.folder / STATE_NAME, json.dumps(state, indent=1, default=str))
         self._committed, self._pending = units, []
         log.debug("checkpoint: %d units -> %s", len(units), self.folder)

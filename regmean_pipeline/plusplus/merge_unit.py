@@ -111,9 +111,8 @@ def _solve_batch(batch: SolveBatch, candidates: list[UnitCandidate], grams: dict
     for index in local:
         stats, candidate = grams[index], candidates[index]
         packed = torch.stack([pack_upper(stats.sums[group.key]) for group in batch.groups])
-        tokens = [total_tokens[g.key] if settings.gram_weighting == "tokens" else stats.tokens[g.key]
-                  for g in batch.groups]
-        scales = torch.tensor([candidate.coefficient / count for count in tokens], dtype=torch.float64)
+        scales = torch.tensor([settings.gram_scale(candidate.coefficient, stats.tokens[g.key], total_tokens[g.key])
+                               for g in batch.groups], dtype=torch.float64)
         if index == 0:
             sums.add(packed, scales)
         else:

@@ -140,8 +140,8 @@ class BlockwiseMerge:
 
     def _merge(self, label: str, names: list[str], grams: dict[int, GramStats]) -> dict[str, torch.Tensor]:
         merged, entries, batches = merge_unit(names, self.units_in, grams, self.settings.merge, excluded=self.excluded,
-                                     copy_source=self.copy_source, device=self.device,
-                                     collective=self.collective, label=label)
+                                              copy_source=self.copy_source, device=self.device,
+                                              collective=self.collective, label=label)
         self.layers.update(entries)
         self.batches += batches
         return merged
@@ -266,8 +266,9 @@ class BlockwiseMerge:
                     self.timings.append({"unit": unit.label, "parameters": len(unit.names),
                                          "resumed": earlier is not None, **seconds,
                                          "seconds": time.perf_counter() - unit_started})
-                    unit_done(UnitDone(unit.label, merged, {n: e for n, e in self.layers.items()
-                                                            if e["weight"] in set(unit.names)}))
+                    weights = set(unit.names)
+                    unit_done(UnitDone(unit.label, merged,
+                                       {n: e for n, e in self.layers.items() if e["weight"] in weights}))
             finally:
                 self.store.close()
         return {"layers": self.layers, "units": self.timings, "batches": self.batches,

@@ -14,7 +14,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from regmean_pipeline.measure.models import model_class
+from regmean_pipeline.measure.models import model_class, parameter_aliases
 
 
 def empty_model(config, *, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -31,14 +31,6 @@ def empty_model(config, *, dtype: torch.dtype, trust_remote_code: bool = False) 
     return model.eval()
 
 
-def _aliases(module: nn.Module) -> dict[str, list[str]]:
-    """Parameter name -> every name of that parameter (tied weights share one object)."""
-    groups: dict[int, list[str]] = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(parameter), []).append(name)
-    return {name: names for names in groups.values() for name in names}
-
-
 def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
     return (module.get_submodule(path) if path else module), leaf
@@ -49,7 +41,7 @@ def load_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, devi
     """Put each named tensor (names relative to ``module``) in place of the parameter, every alias of a
     tied parameter included, or of the buffer; floating tensors become ``dtype``. A parameter already
     materialized with the same shape, dtype and device is overwritten in place (no new allocation)."""
-    aliases = _aliases(module)
+    aliases = parameter_aliases(module)
     buffers = dict(module.named_buffers())
     for name, tensor in tensors.items():
         target = dtype if tensor.is_floating_point() else tensor.dtype
@@ -75,7 +67,7 @@ def load_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, devi
 
 def release(module: nn.Module) -> None:
     """Give the memory of every parameter back (to the meta device), keeping tied ones tied; buffers stay."""
-    aliases = _aliases(module)
+    aliases = parameter_aliases(module)
     done: set[str] = set()
     for name, names in aliases.items():
         if name in done:
