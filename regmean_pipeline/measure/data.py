@@ -387,7 +387,8 @@ class _Sequences:
         return _Sequences(self.ids[:max_length], counted, self.target[:max_length] if self.target else None), cut
 
 
-def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
+def right_padded(rows: list[list[int]], value: int) -> torch.Tensor:
+    """Token rows of unequal length as one (rows, longest) tensor, ``value`` after each row's end."""
     width = max(len(row) for row in rows)
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
 
@@ -459,14 +460,14 @@ class SequenceCollator:
             return _counts(skipped_empty=empty)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = [s.ids for s in sequences]
-        batch = {"input_ids": _padded(ids, pad), "attention_mask": _padded([[1] * len(i) for i in ids], 0)}
+        batch = {"input_ids": right_padded(ids, pad), "attention_mask": right_padded([[1] * len(i) for i in ids], 0)}
         if self.encoder_decoder:
             targets = [s.target for s in sequences]
-            batch["labels"] = _padded(targets, -100)
-            batch["decoder_attention_mask"] = _padded([[1] * len(t) for t in targets], 0)
+            batch["labels"] = right_padded(targets, -100)
+            batch["decoder_attention_mask"] = right_padded([[1] * len(t) for t in targets], 0)
         batch = {key: value for key, value in batch.items() if key in self.accepted}
         if sequences[0].counted is not None:
-            batch[ROW_MASK_KEY] = _padded([s.counted for s in sequences], 0).bool()
+            batch[ROW_MASK_KEY] = right_padded([s.counted for s in sequences], 0).bool()
         return {**batch, **_counts(skipped_empty=empty, truncated=truncated)}
 
     def lengths(self, rows: list[dict]) -> list[int]:

@@ -10,6 +10,7 @@ from torch.nn import functional
 from tqdm.auto import tqdm
 
 from regmean_pipeline.measure.chat import ChatEncoder, Encoded
+from regmean_pipeline.measure.data import right_padded
 
 
 @torch.inference_mode()
@@ -28,10 +29,9 @@ def response_loss(model: torch.nn.Module, tokenizer, conversations: list[list[di
     with tqdm(total=len(order), desc=desc, unit="ex", disable=not progress, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             batch = [encoded[i] for i in order[start:start + batch_size]]
-            width = max(len(e.ids) for e in batch)
-            ids = torch.tensor([e.ids + [pad] * (width - len(e.ids)) for e in batch], device=device)
-            real = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in batch], device=device)
-            counted = torch.tensor([e.response + [0] * (width - len(e.ids)) for e in batch], device=device).bool()
+            ids = right_padded([e.ids for e in batch], pad).to(device)
+            real = right_padded([[1] * len(e.ids) for e in batch], 0).to(device)
+            counted = right_padded([e.response for e in batch], 0).to(device).bool()
             logits = model(input_ids=ids, attention_mask=real).logits.float()
             # Token t is predicted at position t - 1.
             losses = functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
