@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,10 @@ from huggingface_hub import ModelCard
 from regmean_pipeline.config import OPTION_KEYS, load_config
 from regmean_pipeline.merge.model_card import (
     ACCURACY_BEGIN,
+    HEAD_TABLES,
     RUN_ONLY,
+    _literal_auto_table,
+    auto_table,
     build_card,
     pipeline_tag_of,
     record_accuracy,
@@ -275,6 +280,26 @@ def test_a_card_that_cannot_be_parsed_is_left_as_it_is(tmp_path, caplog):
 ])
 def test_pipeline_tag_follows_the_head(architecture, tag):
     assert pipeline_tag_of(architecture) == tag
+
+
+def test_auto_tables_read_from_source_equal_the_imported_ones():
+    """The tables come from modeling_auto.py's source (no import of transformers.models): each one the
+    lookup uses must be the installed transformers' own, entry for entry."""
+    from transformers.models.auto import modeling_auto
+
+    names = [table for _, table in HEAD_TABLES] + ["MODEL_MAPPING_NAMES", "MODEL_FOR_IMAGE_MAPPING_NAMES"]
+    for name in names:
+        assert _literal_auto_table(name) == dict(getattr(modeling_auto, name)), name
+        assert auto_table(name) == dict(getattr(modeling_auto, name)), name
+    assert auto_table("NO_SUCH_MAPPING_NAMES") == {}
+
+
+def test_pipeline_tag_lookup_does_not_import_the_model_tables():
+    code = ("import sys; from regmean_pipeline.merge.model_card import pipeline_tag_of; "
+            "tags = [pipeline_tag_of(a) for a in ('BertModel', 'ViTModel', 'LlamaForCausalLM')]; "
+            "print(tags, 'transformers.models.auto.modeling_auto' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['feature-extraction', 'image-feature-extraction', 'text-generation'] False"
 
 
 @pytest.mark.parametrize("config, message", [

@@ -82,13 +82,17 @@ class ShardedGrams:
         self.manifest = dataclasses.replace(first, grams=grams, shard=None,
                                             examples=sum(c.manifest.examples for c in self.shards))
 
-    def read_packed(self, key: str) -> np.ndarray:
-        """The Gram sum over all shards (added in float64, stored back in the accumulation dtype)."""
+    def read_packed(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The Gram sum over all shards (added in float64, stored back in the accumulation dtype; into
+        ``out`` when given)."""
         total = None
         for cache in self.shards:
             values = cache.read_packed(key)
             total = values.astype(np.float64) if total is None else total + values
-        return total.astype(np.dtype(self.manifest.accumulate_dtype))
+        if out is None:
+            return total.astype(np.dtype(self.manifest.accumulate_dtype))
+        out[...] = total
+        return out
 
 
 def _checked(caches: list[GramCache], where: str) -> list[GramCache]:

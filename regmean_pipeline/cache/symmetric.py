@@ -128,10 +128,10 @@ GATHER_MAX_DIM = 1536
 @functools.lru_cache(maxsize=8)
 def _symmetric_positions(dim: int, device: str) -> torch.Tensor:
     """For every entry (i, j) of a (d, d) matrix, row-major: where (min, max) sits in the packed triangle."""
-    rows = torch.arange(dim, device=device).view(-1, 1)
-    columns = torch.arange(dim, device=device).view(1, -1)
-    low, high = torch.minimum(rows, columns), torch.maximum(rows, columns)
-    return (low * dim - low * (low - 1) // 2 + (high - low)).view(-1).to(torch.int32)
+    index = torch.arange(dim, device=device, dtype=torch.int32)  # d(d+1)/2 < 2^31 up to GATHER_MAX_DIM
+    starts = index * dim - index * (index - 1) // 2  # where row i's run (i, i..d-1) begins
+    upper = starts.view(-1, 1) + (index.view(1, -1) - index.view(-1, 1))  # (i, j) for j >= i
+    return torch.where(index.view(1, -1) >= index.view(-1, 1), upper, upper.mT).reshape(-1)
 
 
 @functools.lru_cache(maxsize=16)

@@ -236,15 +236,22 @@ class SafetensorsReader:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name][0]
 
-    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """The tensor, or rows start:stop of it (along the first dimension)."""
+    def read(self, name: str, start: int | None = None, stop: int | None = None, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, or rows start:stop of it (along the first dimension); into ``out`` (a contiguous CPU
+        tensor of the same dtype and number of elements) when given."""
         dtype, shape, offset = self._entries[name]
         if start is not None or stop is not None:
             start, stop, _ = slice(start, stop).indices(shape[0])
             stop = max(start, stop)
             offset += start * TensorSpec(name, dtype, shape[1:]).nbytes
             shape = (stop - start, *shape[1:])
-        tensor = torch.empty(shape, dtype=dtype)
+        if out is None:
+            tensor = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or out.numel() != math.prod(shape) or not out.is_contiguous() or out.is_cuda:
+            raise ValueError(f"tensor {name}: out is {out.dtype}{list(out.shape)}, the file holds {dtype}{list(shape)}")
+        else:
+            tensor = out
         if tensor.numel():
             self._read_into(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), offset)
         return tensor

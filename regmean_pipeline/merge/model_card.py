@@ -9,8 +9,12 @@ merge report, so a new method needs nothing here but config keys for its setting
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +105,54 @@ given then; the candidates and caches must hold the same files: the fingerprints
 """ + ACCURACY_END + "\n"
 
 
+def auto_table(name: str) -> Mapping[str, Any]:
+    """One of transformers' auto-class tables (model type -> class name or names) by its name.
+
+    Read from the source of ``transformers.models.auto.modeling_auto``, where each is a literal: importing
+    that module first imports ``transformers.models``, which scans all of its few hundred model folders
+    (0.3 to 0.75 s on a 2-core machine, longer than a small merge's solves). A table the source does not
+    hold as a literal is taken from the imported module.
+    """
+    table = _literal_auto_table(name)
+    if table is None:
+        from transformers.models.auto import modeling_auto
+
+        table = dict(getattr(modeling_auto, name, {}))
+    return table
+
+
+@functools.cache
+def _literal_auto_table(name: str) -> dict[str, Any] | None:
+    node = _auto_table_sources().get(name)
+    try:
+        return None if node is None else dict(ast.literal_eval(node))
+    except (ValueError, TypeError, SyntaxError):  # built from other tables: left to the import
+        return None
+
+
+@functools.cache
+def _auto_table_sources() -> dict[str, ast.expr]:
+    """The argument of every ``X_MAPPING_NAMES = OrderedDict(...)`` in modeling_auto.py, unevaluated."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or spec.origin is None:
+        return {}
+    try:
+        tree = ast.parse((Path(spec.origin).parent / "models" / "auto" / "modeling_auto.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    return {node.targets[0].id: node.value.args[0] for node in tree.body
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id.endswith("_MAPPING_NAMES") and isinstance(node.value, ast.Call)
+            and len(node.value.args) == 1 and not node.value.keywords}
+
+
 def pipeline_tag_of(architecture: str | None) -> str | None:
     """The hub's pipeline tag for a model class: its head decides (None when it is unknown)."""
     if not architecture:
         return None
-    from transformers.models.auto import modeling_auto  # the auto classes' tables; imported on first use
 
     def listed(table: str) -> bool:
-        for value in getattr(modeling_auto, table, {}).values():
+        for value in auto_table(table).values():
             if architecture in ((value,) if isinstance(value, str) else value):
                 return True
         return False

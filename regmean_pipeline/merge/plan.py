@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from regmean_pipeline.cache.manifest import LayerEntry, Manifest
@@ -34,7 +35,8 @@ class GramSource(Protocol):
 
     manifest: Manifest
 
-    def read_packed(self, key: str) -> torch.Tensor: ...
+    def read_packed(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The packed upper triangle of the Gram sum (into ``out``, of the accumulation dtype, when given)."""
 
 
 @dataclass
