@@ -149,7 +149,7 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     keys = {name: key for name, key in keys.items() if key in {layer.name for layer in layers}}
     groups = gram_groups(layers, keys)
 
-    element = torch.empty((), dtype=accumulate_dtype).element_size()
+    element = accumulate_dtype.itemsize
     dims = [members[0].in_features for members in groups.values()]
     parameters = {name: p for name, p in model.named_parameters()}  # tied ones appear once
     saved = set(model.state_dict())
@@ -163,7 +163,7 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
                               [(layer.name, LayerEntry(key, layer.weight, layer.in_features, layer.out_features,
                                                        layer.transposed)) for layer in members])
                     for key, members in groups.items()]
-    weight_element = torch.empty((), dtype=weight_dtype).element_size()
+    weight_element = weight_dtype.itemsize
     peak = 0
     for batch in solve_batches(solve_groups, settings):
         working = len(batch.groups) * system_bytes(batch.dim, batch.width, solve_dtype)
@@ -262,7 +262,7 @@ def blockwise_estimate(reference: str | Path, *, candidates: int = 2, num_exampl
     model = meta_model(config, dtype=dtype, trust_remote_code=trust_remote_code)
     stack = find_block_stack(model)
     blocks = model.get_submodule(stack.path)
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size"))
     if "pixel_values" in forward_inputs(model) and "input_ids" not in forward_inputs(model):
@@ -272,7 +272,7 @@ def blockwise_estimate(reference: str | Path, *, candidates: int = 2, num_exampl
     activation = candidates * num_examples * tokens * hidden * element
     index = max(range(len(blocks)), key=lambda i: sum(p.numel() for p in blocks[i].parameters()))
     largest = blocks[index]
-    accumulator = torch.empty((), dtype=accumulate_dtype).element_size()
+    accumulator = accumulate_dtype.itemsize
     try:  # layers fed one input share one Gram, as a real run finds them
         keys = detect_gram_keys(model, _meta_batch(model, config))
     except Exception:  # a forward that meta tensors cannot run: count every layer on its own (an upper bound)

@@ -19,6 +19,7 @@ from regmean_pipeline.cache.store import GramCache
 from regmean_pipeline.distributed import Ranks, all_ok, broadcast_text, process_group, rank_device
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.atomic import STAGING_MARK, check_target, output_lock, staged_directory
+from regmean_pipeline.io.background import BackgroundWrites
 from regmean_pipeline.io.model_folder import copy_model_files, parse_size, write_json
 from regmean_pipeline.io.safetensors_io import ShardedCheckpointWriter
 from regmean_pipeline.io.storage import Folder
@@ -200,8 +201,10 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
         try:
             writer = ShardedCheckpointWriter(stage, plan.outputs, max_shard, owner_of=owners.__getitem__,
                                              rank=ranks.rank)
-            result = execute_merge(parts[ranks.rank], candidates, settings, writer.write, device=device, base=base,
-                                   progress=options.progress and ranks.is_main, combine=combine)
+            # The writes of the merged tensors overlap the solves; at most one batch's budget is queued.
+            with BackgroundWrites(writer.write, max_pending_bytes=batch_bytes) as sink:
+                result = execute_merge(parts[ranks.rank], candidates, settings, sink, device=device, base=base,
+                                       progress=options.progress and ranks.is_main, combine=combine)
             writer.close()
         except BaseException:
             if writer is not None:

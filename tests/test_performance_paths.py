@@ -22,7 +22,7 @@ from regmean_pipeline.io.safetensors_io import SafetensorsReader
 from regmean_pipeline.io.weights import SafetensorsCheckpoint
 from regmean_pipeline.measure.data import DatasetSpec, load_examples, make_loader
 from regmean_pipeline.measure.gram import collect_grams
-from regmean_pipeline.merge.executor import prefetch
+from regmean_pipeline.merge.executor import LoadBuffers, prefetch
 from regmean_pipeline.merge.solve import solve_batch
 from regmean_pipeline.testing import make_model, make_tokenizer, write_text_task
 from tests.conftest import read_json
@@ -162,6 +162,21 @@ def test_estimated_residual_tracks_the_exact_one():
         assert truth / 4 <= estimate <= truth * 4
 
 
+def test_solve_factors_in_place_only_when_the_matrix_can_be_rebuilt():
+    """With ``rebuild`` the Cholesky factor is written over the matrix (no second (d, d) tensor); without
+    it the caller's matrix is untouched. Both give the same solution."""
+    torch.manual_seed(1)
+    factor = torch.randn(3, 40, 40)
+    matrix = factor @ factor.mT + 0.1 * torch.eye(40)
+    kept, rhs = matrix.clone(), torch.randn(3, 40, 7)
+    copied = solve_batch(matrix, rhs, torch.zeros(3, 40, 7), torch.zeros(3, 40, 7))
+    assert torch.equal(matrix, kept)
+    in_place = solve_batch(matrix, rhs, torch.zeros(3, 40, 7), torch.zeros(3, 40, 7), rebuild=kept.__getitem__)
+    lower = matrix.mT.tril()  # the storage holds L column-major: the factor of the kept matrix
+    assert torch.allclose(lower @ lower.mT, kept, rtol=1e-4, atol=1e-4)
+    assert torch.equal(copied.solution, in_place.solution)
+
+
 def test_small_batch_budget_gives_the_same_merge(workspace, cli, tmp_path):
     """Wide layers (several Gram blocks) merged in many small batches equal the float64 closed form."""
     models = [workspace.model("llama", seed, hidden_size=256, intermediate_size=576) for seed in (11, 12)]
@@ -173,3 +188,17 @@ def test_small_batch_budget_gives_the_same_merge(workspace, cli, tmp_path):
     expected = reference_for(models, tasks, 0.95)
     for name, tensor in merged_state(out).items():
         assert relative_error(tensor, expected[name]) < 1e-4, name  # all float32, as test_merge
+
+
+def test_load_buffers_are_reused_across_shapes_and_stay_few():
+    """The loader's batch storage is handed out again for any shape and dtype that fits; a request that
+    fits none replaces the largest free buffer instead of adding one."""
+    buffers = LoadBuffers()
+    first, flat = buffers.take((4, 100), torch.float32)
+    assert first.shape == (4, 100) and first.dtype == torch.float32
+    buffers.give_back(flat)
+    second, same = buffers.take((10, 10), torch.float64)  # 800 of 1600 bytes: the same storage
+    assert same.data_ptr() == flat.data_ptr() and second.shape == (10, 10) and second.dtype == torch.float64
+    buffers.give_back(same)
+    _, larger = buffers.take((1000,), torch.float32)
+    assert larger.numel() == 4000 and larger.data_ptr() != flat.data_ptr() and buffers._free == []

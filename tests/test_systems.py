@@ -19,8 +19,10 @@ from tests.reference import relative_error
 BATCH, DIM, WIDTH = 3, 2 * MIRROR_BLOCK + 40, 24  # three mirror blocks, the last one partial
 
 
-def systems(seed: int, count: int = 4, dim: int = DIM):
-    """Float64 Grams (well conditioned, of different scales), weights, Gram scales and coefficients."""
+def systems(seed: int, count: int = 4, dim: int = DIM, uniform: bool = False):
+    """Float64 Grams (well conditioned, of different scales), weights, Gram scales and coefficients.
+    ``uniform``: one scale per candidate for all its systems (every layer saw the same tokens), which
+    ``SystemSums`` folds into its axpy and GEMM instead of scaling the Grams."""
     generator = torch.Generator().manual_seed(seed)
     grams, weights = [], []
     for _ in range(count):
@@ -29,6 +31,8 @@ def systems(seed: int, count: int = 4, dim: int = DIM):
         grams.append(x.mT @ x)
         weights.append(torch.randn(BATCH, dim, WIDTH, generator=generator, dtype=torch.float64))
     scales = [torch.rand(BATCH, generator=generator, dtype=torch.float64) + 0.5 for _ in range(count)]
+    if uniform:
+        scales = [s.new_full(s.shape, float(s[0])) for s in scales]
     coefficients = [1.0, 2.0, 0.5, 1.5][:count]
     return grams, weights, scales, coefficients
 
@@ -72,11 +76,12 @@ def new_sums(ratio: float, dtype=torch.float32, sum_dtype=None) -> SystemSums:
                                                          (torch.float32, torch.float64, 2e-5),
                                                          (torch.float64, None, 1e-12)])
 @pytest.mark.parametrize("out_major", [True, False])
-def test_fused_sums_solve_to_the_float64_closed_form(ratio, dtype, sum_dtype, tolerance, out_major):
+@pytest.mark.parametrize("uniform", [False, True], ids=["scales-per-system", "one-scale"])
+def test_fused_sums_solve_to_the_float64_closed_form(ratio, dtype, sum_dtype, tolerance, out_major, uniform):
     """Scales, the off-diagonal reduction (applied once to the packed sum, and through the GEMM's alpha
     per candidate) and the anchoring, against RegMean's formula in float64; weights in the executor's
     layout and in a plain contiguous one."""
-    grams, weights, scales, coefficients = systems(seed=1)
+    grams, weights, scales, coefficients = systems(seed=1, uniform=uniform)
     sums = new_sums(ratio, dtype, sum_dtype)
     sums.set_anchor(stacked(weights[0], dtype, out_major))
     fill(sums, grams, weights, scales, coefficients, range(4), dtype, out_major)
@@ -114,8 +119,9 @@ def test_partial_sums_of_two_processes_add_up_to_one(sum_dtype):
 
 
 @pytest.mark.parametrize("ratio", [0.95, 0.0])
-def test_copies_of_one_model_come_back_bit_for_bit(ratio):
-    grams, weights, scales, _ = systems(seed=3)
+@pytest.mark.parametrize("uniform", [False, True], ids=["scales-per-system", "one-scale"])
+def test_copies_of_one_model_come_back_bit_for_bit(ratio, uniform):
+    grams, weights, scales, _ = systems(seed=3, uniform=uniform)
     anchor = weights[0].float()
     anchor[0, :5, 0] = -0.0  # signed zeros survive too
     sums = new_sums(ratio)
@@ -202,3 +208,24 @@ def test_batches_sharing_buffers_solve_as_fresh_ones():
         assert torch.equal(*results)
     sizes = {key: flat.numel() for key, flat in buffers._flat.items()}
     assert sizes[("full", torch.float32, torch.device("cpu"))] == BATCH * DIM * DIM
+
+
+@pytest.mark.parametrize("ratio", [0.95, 0.0])
+def test_anchor_alone_comes_back_from_reused_storage(ratio):
+    """R and T are filled by the first difference's terms, not zeroed first: a batch with no other
+    candidate (K = 1) still solves to its anchor exactly, though its storage held an earlier batch's sums."""
+    buffers = Buffers()
+    grams, weights, scales, coefficients = systems(seed=7, uniform=True)
+    earlier = SystemSums(BATCH, DIM, WIDTH, dtype=torch.float32, device="cpu", reduce_non_diagonal_ratio=ratio,
+                         buffers=buffers)
+    earlier.set_anchor(stacked(weights[0]))
+    fill(earlier, grams, weights, scales, coefficients, range(4))
+    earlier.solve()
+    alone = SystemSums(BATCH, DIM, WIDTH, dtype=torch.float32, device="cpu", reduce_non_diagonal_ratio=ratio,
+                       buffers=buffers)
+    anchor = weights[1].float()
+    alone.set_anchor(stacked(anchor))
+    alone.add(packed(grams[1]), scales[1])
+    result = alone.solve()
+    assert result.solution.contiguous().numpy().tobytes() == anchor.numpy().tobytes()
+    assert max(result.residual) == 0.0

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from regmean_pipeline.errors import RegMeanError
-from regmean_pipeline.io.safetensors_io import SafetensorsReader
+from regmean_pipeline.io.safetensors_io import SafetensorsReader, copy_into
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -187,8 +187,9 @@ class LoraWeights:
         b = b if start is None else b[start:stop]
         return (b @ a).mul_(self.config.scale)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.rows(name, None, None)
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.rows(name, None, None)
+        return weight if out is None else copy_into(out, weight, name)
 
     def rows(self, name: str, start: int | None, stop: int | None) -> torch.Tensor:
         """Rows start:stop (None, None: all) of the tensor as the adapted model holds it."""

@@ -37,7 +37,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class SafetensorsFileWriter:
@@ -161,6 +161,13 @@ class ShardedCheckpointWriter:
     def abort(self) -> None:
         for writer in self._files.values():
             writer.abort()
+
+
+def copy_into(out: torch.Tensor, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """``out`` filled with ``tensor``: a source's ``get(name, out=...)`` when its values are not read from a file."""
+    if out.shape != tensor.shape or out.dtype != tensor.dtype:
+        raise ValueError(f"tensor {name}: out is {out.dtype}{list(out.shape)}, the tensor {tensor.dtype}{list(tensor.shape)}")
+    return out.copy_(tensor)
 
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on the JSON header

@@ -16,7 +16,7 @@ import torch
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.adapters import LoraWeights, is_adapter, read_adapter_config
 from regmean_pipeline.io.paths import inside
-from regmean_pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsReader
+from regmean_pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsReader, copy_into
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ class WeightSource(Protocol):
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> torch.dtype: ...
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor; written into ``out`` (contiguous, of its dtype and shape) and returned, when given."""
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor: ...
 
 
@@ -82,8 +83,8 @@ class SafetensorsCheckpoint:
     def dtype(self, name: str) -> torch.dtype:
         return self._handle(name).dtype(name)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).read(name)
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._handle(name).read(name, out=out)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._handle(name).read(name, start, stop)
@@ -117,8 +118,8 @@ class StateDictWeights:
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensors[name] if out is None else copy_into(out, self._tensors[name], name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._tensors[name][start:stop]

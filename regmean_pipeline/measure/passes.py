@@ -46,7 +46,7 @@ def detect_gram_keys(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dic
 
 def gram_bytes(dim: int, dtype: torch.dtype) -> int:
     """Memory of one (dim, dim) accumulator."""
-    return dim * dim * torch.empty((), dtype=dtype).element_size()
+    return dim * dim * dtype.itemsize
 
 
 def gram_groups(layers: Iterable[LinearLayer], keys: Mapping[str, str]) -> dict[str, list[LinearLayer]]:

@@ -74,36 +74,94 @@ def prefetch(items: Iterable[T], load: Callable[[T], R], ahead: int = 1) -> Iter
                 thread.join(0.05)
 
 
-def stack_packed_grams(batch: SolveBatch, grams: GramSource, pin: bool = False) -> torch.Tensor:
-    """One candidate's packed Gram sums of a batch, stacked: (B, d(d+1)/2), each read straight into its row."""
+class LoadBuffers:
+    """Storage the loader reads batches into, given back by the solve once it has consumed them.
+
+    A fresh batch tensor costs a page fault per 4 KiB on first touch; on the bench's 2-core VM that
+    took longer than the read that fills it (the Llama-shaped merge's weights: 0.72 s read into new
+    tensors, 0.28 s into reused ones). Flat byte buffers serve any shape and dtype that fits; one too
+    small for a request is dropped for a larger one, so no more buffers exist than loads are held at once
+    (``prefetch`` bounds those). Thread-safe: the loader takes, the solve gives back.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """An uninitialised tensor and the flat buffer to give back once it is no longer read."""
+        size = math.prod(shape) * dtype.itemsize
+        flat = None
+        with self._lock:  # (by position: tensors compare element-wise, so list.remove cannot find them)
+            order = sorted(range(len(self._free)), key=lambda i: self._free[i].numel())
+            fitting = [i for i in order if self._free[i].numel() >= size]
+            if fitting:
+                flat = self._free.pop(fitting[0])
+            elif self._free:
+                del self._free[order[-1]]  # released: replaced by a larger one
+        if flat is None:
+            flat = torch.empty(size, dtype=torch.uint8)
+        return flat[:size].view(dtype).view(shape), flat
+
+    def give_back(self, flat: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(flat)
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool, buffers: LoadBuffers | None,
+           leases: list[torch.Tensor]) -> torch.Tensor:
+    if buffers is None:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    tensor, flat = buffers.take(shape, dtype)
+    leases.append(flat)
+    return tensor
+
+
+def stack_packed_grams(batch: SolveBatch, grams: GramSource, pin: bool = False, buffers: LoadBuffers | None = None,
+                       leases: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """One candidate's packed Gram sums of a batch, stacked: (B, d(d+1)/2), each read straight into its row
+    (of storage taken from ``buffers``, when given, whose flat buffer is appended to ``leases``)."""
     dtype = getattr(torch, grams.manifest.accumulate_dtype)
-    stacked = torch.empty(len(batch.groups), packed_length(batch.dim), dtype=dtype, pin_memory=pin)
+    stacked = _empty((len(batch.groups), packed_length(batch.dim)), dtype, pin, buffers, leases)
     for i, group in enumerate(batch.groups):
         grams.read_packed(group.key, out=stacked[i].numpy())
     return stacked
 
 
-def stack_weights(batch: SolveBatch, weights: WeightSource, pin: bool = False) -> torch.Tensor:
+def stack_weights(batch: SolveBatch, weights: WeightSource, pin: bool = False, buffers: LoadBuffers | None = None,
+                  leases: list[torch.Tensor] | None = None) -> torch.Tensor:
     """One candidate's weights of a batch, stacked: (B, d, width), each as W^T (in, out) and the weights
     of layers sharing a Gram side by side (the right-hand sides of the systems).
 
-    The result is the transposed view of (B, width, d) storage: each (out, in) weight is copied as it is
-    stored, without a transposing copy (several times slower on a CPU), and the solved weights come back
-    in the same layout, so nothing is transposed on the way out either (``SystemSums`` works in it)."""
-    stacked = None
+    The result is the transposed view of (B, width, d) storage, in which each (out, in) weight is one
+    contiguous block: read straight into it from the file, without a transposing copy (several times
+    slower on a CPU), and the solved weights come back in the same layout, so nothing is transposed on
+    the way out either (``SystemSums`` works in it). Weights stored transposed (GPT-2's Conv1D) or in
+    other dtypes than the first are copied in."""
+    first = batch.groups[0].layers[0][1]
+    dtype = weights.dtype(first.weight)
+    stacked = _empty((len(batch.groups), batch.width, batch.dim), dtype, pin, buffers, leases)
     for i, group in enumerate(batch.groups):
         offset = 0
         for _, layer in group.layers:
-            weight = weight_in_out(weights.get(layer.weight), layer.transposed).mT  # (out, in): a view
-            if stacked is None:
-                stacked = torch.empty(len(batch.groups), batch.width, batch.dim, dtype=weight.dtype, pin_memory=pin)
-            stacked[i, offset:offset + layer.out_features].copy_(weight)
+            block = stacked[i, offset:offset + layer.out_features]  # (out, in): contiguous
+            if not layer.transposed and weights.dtype(layer.weight) == dtype:
+                weights.get(layer.weight, out=block)
+            else:
+                block.copy_(weight_in_out(weights.get(layer.weight), layer.transposed).mT)
             offset += layer.out_features
     return stacked.mT
 
 
-def _load(batch: SolveBatch, candidate: Candidate, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return stack_packed_grams(batch, candidate.grams, pin), stack_weights(batch, candidate.weights, pin)
+def _load(batch: SolveBatch, candidate: Candidate, pin: bool, buffers: LoadBuffers | None,
+          anchor: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The batch's packed Grams and weights of one candidate, and the buffers to give back after the solve
+    has added them. The anchor's weights are not taken from ``buffers``: they become the solution, which
+    the writer holds until it is written."""
+    leases: list[torch.Tensor] = []
+    packed = stack_packed_grams(batch, candidate.grams, pin, buffers, leases)
+    weights = stack_weights(batch, candidate.weights, pin, None if anchor else buffers, leases)
+    return packed, weights, leases
 
 
 def emit_solved(batch: SolveBatch, solution: torch.Tensor, dtype_of: Callable[[str], torch.dtype],
@@ -146,10 +204,13 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     systems = tqdm(total=plan.num_systems, desc="merge: solve", unit="system", disable=not progress, leave=False)
     work = [(batch, candidate) for batch in plan.batches for candidate in candidates]
     pin = torch.device(device).type == "cuda"
+    # Reused load storage on CPU only: on a GPU the pinned batches are copied asynchronously.
+    load_buffers = None if pin else LoadBuffers()
     wait_started = time.perf_counter()
     sums = None
     buffers = Buffers()  # the batches are solved one after another: each reuses the storage of the last
-    for (batch, candidate), (packed, weights) in prefetch(work, lambda item: _load(*item, pin)):
+    loads = prefetch(work, lambda item: _load(*item, pin, load_buffers, item[1] is first))
+    for (batch, candidate), (packed, weights, leases) in loads:
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
         scales = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
@@ -162,6 +223,8 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
         else:
             sums.add(packed, scales, weights, candidate.coefficient / coefficient_sum)
         del packed, weights
+        for flat in leases:  # added: SystemSums keeps no view of a candidate's loaded tensors
+            load_buffers.give_back(flat)
         if candidate is candidates[-1]:
             result = sums.solve()
             emit_solved(batch, result.solution, first.weights.dtype, sink)

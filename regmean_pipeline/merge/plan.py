@@ -258,10 +258,10 @@ def _weight_shape(layer: LayerEntry) -> tuple[int, int]:
 
 def system_bytes(dim: int, width: int, dtype: torch.dtype) -> int:
     """Working memory of one system in a solve batch, as the executor holds it (``SystemSums``): the packed
-    sum S and one candidate's scaled packed G_i (one d^2 together), that G_i unpacked (then A; the factor
-    takes S's place in the solve), two candidates' packed G_i in flight (one d^2), and six (d, width)
+    sum S and one candidate's scaled packed G_i (one d^2 together), that G_i unpacked (then A, then
+    its Cholesky factor in place), two candidates' packed G_i in flight (one d^2), and six (d, width)
     tensors: two loaded W_i, anchor, RHS, fallback target, correction."""
-    return (3 * dim * dim + 6 * dim * width) * torch.empty((), dtype=dtype).element_size()
+    return (3 * dim * dim + 6 * dim * width) * dtype.itemsize
 
 
 def solve_batches(groups: list[GramGroup], settings: MergeSettings) -> list[SolveBatch]:

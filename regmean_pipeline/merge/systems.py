@@ -62,7 +62,8 @@ class SystemSums:
 
     Memory: S and one candidate's scaled packed Grams (each half a (d, d) matrix per system), one
     (d, d) matrix per system for the candidate's unpacked Grams, which ``solve`` reuses for A, and
-    the (d, width) tensors; ``solve`` adds the Cholesky factor once S is released. With ``buffers``
+    the (d, width) tensors; ``solve`` writes the Cholesky factor over A and keeps S~ packed for the rare
+    systems that need A again (``solve.solve_batch``'s ``rebuild``). With ``buffers``
     (one ``Buffers`` for all the batches of a merge, solved one after another) all of these are
     taken from its storage instead of made anew.
     """
@@ -81,6 +82,7 @@ class SystemSums:
         self.target: torch.Tensor | None = None  # T^T, (B, width, d)
         self._scaled: torch.Tensor | None = None  # one candidate's s_i G_i, packed
         self._full: torch.Tensor | None = None  # one candidate's s_i G~_i in full (then A)
+        self._started = True  # whether R and T hold values (else unfilled storage, see set_anchor)
         self.noise = torch.finfo(dtype).eps
 
     def _empty(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -96,8 +98,14 @@ class SystemSums:
         """The first candidate's (B, d, width) weights; the others enter as differences from them. Consumed:
         ``solve`` adds the corrections to them in place when dtype and device allow."""
         self.anchor = weights.mT.to(self.device, self.dtype)
-        self.rhs = self._zeros("rhs", self.dim, self.width)
-        self.target = self._zeros("target", self.width, self.dim)
+        if self.sum_dtype == self.dtype:  # filled by the first difference's terms (no zero fill); see _started
+            self.rhs = self._empty("rhs", self.dim, self.width)
+            self.target = self._empty("target", self.width, self.dim)
+            self._started = False
+        else:
+            self.rhs = self._zeros("rhs", self.dim, self.width)
+            self.target = self._zeros("target", self.width, self.dim)
+            self._started = True
 
     def add(self, packed_grams: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor | None = None,
             share: float = 0.0) -> None:
@@ -106,42 +114,63 @@ class SystemSums:
         is consumed: the difference from the anchor is formed in its memory when dtype and device allow."""
         # The Grams' own precision: the solver treats conditions beyond it as singular.
         self.noise = max(self.noise, torch.finfo(packed_grams.dtype).eps)
-        column = scales.to(self.device, self.dtype).view(-1, 1)
         packed = packed_grams.to(self.device, non_blocking=True)
-        if self.packed_sum is None and self.sum_dtype == self.dtype:  # the first Grams land in the sum itself
-            self.packed_sum = self._empty("packed_sum", packed_length(self.dim))
-            scaled = torch.mul(packed, column, out=self.packed_sum)
+        if self.sum_dtype == self.dtype and bool((scales == scales[0]).all()):
+            # One scale for the whole batch (the usual case: every layer saw the same tokens): it rides on
+            # the sum's axpy and the product's alpha, and the Grams are never scaled on their own.
+            scale, grams = float(scales[0]), packed
+            if self.packed_sum is None:
+                self.packed_sum = torch.mul(packed, scale, out=self._empty("packed_sum", packed_length(self.dim)))
+            else:
+                self.packed_sum.add_(packed, alpha=scale)
         else:
+            scale = 1.0
+            column = scales.to(self.device, self.dtype).view(-1, 1)
             if self._scaled is None:
                 self._scaled = self._empty("scaled", packed_length(self.dim))
-            scaled = torch.mul(packed, column, out=self._scaled)
+            grams = torch.mul(packed, column, out=self._scaled)
             if self.packed_sum is None:
                 self.packed_sum = self._empty("packed_sum", packed_length(self.dim), dtype=self.sum_dtype)
-                self.packed_sum.copy_(scaled)
+                self.packed_sum.copy_(grams)
             else:
-                self.packed_sum += scaled
+                self.packed_sum += grams
         if weights is not None:
             if self.anchor is None:
                 raise ValueError("set_anchor() before adding a candidate's weights")
             difference = weights.mT.to(self.device, self.dtype, non_blocking=True).sub_(self.anchor)
-            self.target.add_(difference, alpha=share)
-            self._add_product(scaled, difference.mT)
+            if self._started:
+                self.target.add_(difference, alpha=share)
+            else:
+                torch.mul(difference, share, out=self.target)
+            self._add_product(grams, scale, difference.mT)
+            self._started = True
 
-    def _add_product(self, scaled: torch.Tensor, difference: torch.Tensor) -> None:
-        """R += G~ D for one candidate's scaled packed Grams G and its (B, d, width) difference D from the anchor."""
+    def _add_product(self, packed: torch.Tensor, scale: float, difference: torch.Tensor) -> None:
+        """R += scale G~ D for one candidate's packed Grams G and its (B, d, width) difference D from the
+        anchor (R = scale G~ D for the first: ``beta`` 0 reads nothing of R's unfilled storage)."""
         if self.ratio == 0.0:  # G~ = diag(G): a scaling of the rows, no product
-            diagonal = scaled[:, diagonal_positions(self.dim, str(self.device))]
-            self.rhs.addcmul_(diagonal.unsqueeze(-1), difference)
+            diagonal = packed[:, diagonal_positions(self.dim, str(self.device))].to(self.dtype).mul_(scale)
+            if self._started:
+                self.rhs.addcmul_(diagonal.unsqueeze(-1), difference)
+            else:
+                torch.mul(diagonal.unsqueeze(-1), difference, out=self.rhs)
             return
         if self._full is None:
             self._full = self._empty("full", self.dim, self.dim)
-        full = unpack_upper(scaled, self.dim, out=self._full)
+        full = unpack_upper(packed, self.dim, out=self._full)
         if self.ratio != 1.0:
             full.diagonal(dim1=-2, dim2=-1).div_(self.ratio)
         if self.sum_dtype == self.dtype:
-            self.rhs.baddbmm_(full, difference, alpha=self.ratio)
+            self.rhs.baddbmm_(full, difference, alpha=self.ratio * scale, beta=1.0 if self._started else 0.0)
         else:  # the product, a included, rounded in ``dtype``: float64 sums of those are exact
             self.rhs += torch.baddbmm(difference, full, difference, beta=0.0, alpha=self.ratio)  # beta 0: no input
+
+    def _ensure_started(self) -> None:
+        """R and T hold zeros if no difference has filled them yet (K = 1, or no candidate of this process)."""
+        if not self._started:
+            self.rhs.zero_()
+            self.target.zero_()
+            self._started = True
 
     def partial_sums(self) -> list[torch.Tensor]:
         """S (packed, (B, d(d+1)/2), before the off-diagonal reduction), R ((B, d, width)) and T^T
@@ -151,6 +180,8 @@ class SystemSums:
             self.packed_sum = self._zeros("packed_sum", packed_length(self.dim))
         if self.rhs is None:
             self.rhs, self.target = self._zeros("rhs", self.dim, self.width), self._zeros("target", self.width, self.dim)
+        else:
+            self._ensure_started()
         return [self.packed_sum, self.rhs, self.target]
 
     def solve(self, noise: float | None = None) -> SolveResult:
@@ -158,14 +189,16 @@ class SystemSums:
         as (B, d, width) in the anchor's own memory and layout."""
         if self.packed_sum is None or self.anchor is None:
             raise ValueError("no candidate was added")
+        self._ensure_started()
         matrix = self._full if self._full is not None else self._empty("full", self.dim, self.dim)
-        unpack_upper(self._reduced_sum(), self.dim, out=matrix)
+        packed = self._reduced_sum()
+        unpack_upper(packed, self.dim, out=matrix)
         rhs, target = self.rhs.to(self.dtype), self.target.to(self.dtype).mT
         self.packed_sum = self._scaled = self._full = self.rhs = self.target = None
-        workspace = None if self.buffers is None else (self._empty("factor", self.dim, self.dim),
-                                                       self._empty("correction", self.dim, self.width))
+        correction = None if self.buffers is None else self._empty("correction", self.dim, self.width)
         result = solve_batch(matrix, rhs, self.anchor.mT, target, noise=max(self.noise, noise or 0.0),
-                             workspace=workspace)
+                             rebuild=lambda i: unpack_upper(packed[i], self.dim).to(self.dtype),
+                             correction_out=correction)
         self.anchor = None
         return result
 
