@@ -167,8 +167,10 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     peak = 0
     for batch in solve_batches(solve_groups, settings):
         working = len(batch.groups) * system_bytes(batch.dim, batch.width, solve_dtype)
-        reads = len(batch.groups) * (packed_length(batch.dim) * element + batch.dim * batch.width * weight_element)
-        peak = max(peak, working + PREFETCHED * reads)
+        solved = len(batch.groups) * batch.dim * batch.width * weight_element
+        reads = len(batch.groups) * packed_length(batch.dim) * element + solved
+        # + one batch of solved weights still queued for the output writer (io/background.py)
+        peak = max(peak, working + PREFETCHED * reads + solved)
     solved = {layer.weight for layer in layers if layer.name in keys}
     for name, tensor in parameters.items():
         if name not in solved and tensor.is_floating_point():  # averaged: a float32 total and one read
