@@ -32,11 +32,12 @@ from regmean_pipeline.measure.models import (
     tied_parameter_names,
 )
 from regmean_pipeline.measure.passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
-from regmean_pipeline.merge.plan import GramGroup, MergeSettings, solve_batches, system_bytes
+from regmean_pipeline.merge.plan import LOADS_AHEAD, GramGroup, MergeSettings, solve_batches, system_bytes
 
 log = logging.getLogger(__name__)
 
-PREFETCHED = 3  # batches of reads alive at once in the merge: two queued ahead, one being solved
+# Batches of reads alive at once in the merge: the one being added, those queued ahead, and the anchor's.
+PREFETCHED = LOADS_AHEAD + 2
 
 
 def config_of(reference: str | Path, *, trust_remote_code: bool = False):

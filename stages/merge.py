@@ -205,7 +205,9 @@ def _run_merge(options: MergeOptions, ranks: Ranks) -> dict:
             with BackgroundWrites(writer.write, max_pending_bytes=batch_bytes) as sink:
                 result = execute_merge(parts[ranks.rank], candidates, settings, sink, device=device, base=base,
                                        progress=options.progress and ranks.is_main, combine=combine)
+                finishing = time.perf_counter()
             writer.close()
+            result["timings"]["finish_writes"] = time.perf_counter() - finishing  # the queue's tail and fsync
         except BaseException:
             if writer is not None:
                 writer.abort()

@@ -1,9 +1,9 @@
 """Run a merge plan: stream Grams and weights one batch at a time, solve on the device, emit tensors.
 
-Reading (disk, checksums, stacking into one batch tensor) runs in a background thread one step
-ahead of the device work: at most two candidates' shares of a batch are loaded at once (the one
-being solved and the next), so memory is bounded by the plan's batch budget, not by the number of
-layers or candidates.
+Reading (disk, checksums, stacking into one batch tensor) runs in a background thread ahead of the
+device work: at most LOADS_AHEAD + 1 candidates' shares of a batch are loaded at once (the one being
+added and those queued), so memory is bounded by the plan's batch budget, not by the number of layers
+or candidates.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
 from regmean_pipeline.merge.averaging import anchored_mean
-from regmean_pipeline.merge.plan import Candidate, GramSource, MergePlan, MergeSettings, SolveBatch
+from regmean_pipeline.merge.plan import LOADS_AHEAD, Candidate, GramSource, MergePlan, MergeSettings, SolveBatch
 from regmean_pipeline.merge.solve import SolveResult
 from regmean_pipeline.merge.systems import Buffers, SystemSums
 
@@ -209,7 +209,7 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     wait_started = time.perf_counter()
     sums = None
     buffers = Buffers()  # the batches are solved one after another: each reuses the storage of the last
-    loads = prefetch(work, lambda item: _load(*item, pin, load_buffers, item[1] is first))
+    loads = prefetch(work, lambda item: _load(*item, pin, load_buffers, item[1] is first), ahead=LOADS_AHEAD)
     for (batch, candidate), (packed, weights, leases) in loads:
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
