@@ -168,10 +168,10 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     peak = 0
     for batch in solve_batches(solve_groups, settings):
         working = len(batch.groups) * system_bytes(batch.dim, batch.width, solve_dtype)
-        solved = len(batch.groups) * batch.dim * batch.width * weight_element
-        reads = len(batch.groups) * packed_length(batch.dim) * element + solved
+        weights_bytes = len(batch.groups) * batch.dim * batch.width * weight_element
+        reads = len(batch.groups) * packed_length(batch.dim) * element + weights_bytes
         # + one batch of solved weights still queued for the output writer (io/background.py)
-        peak = max(peak, working + PREFETCHED * reads + solved)
+        peak = max(peak, working + PREFETCHED * reads + weights_bytes)
     solved = {layer.weight for layer in layers if layer.name in keys}
     for name, tensor in parameters.items():
         if name not in solved and tensor.is_floating_point():  # averaged: a float32 total and one read

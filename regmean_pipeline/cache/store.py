@@ -198,18 +198,14 @@ class GramCache:
         return unpack_upper(torch.from_numpy(self.read_packed(key)), self.manifest.grams[key].dim)
 
 
+@functools.cache
 def _import_zarr_in_background() -> None:
-    """Start importing zarr on a thread of its own: the import takes about 0.25 s on a 2-core machine,
-    which then overlaps a merge's planning instead of delaying its first Gram read. (Python's import
-    lock makes a later ``import zarr`` wait for it, not import twice.)"""
-    global _ZARR_IMPORT
-    if "zarr" not in sys.modules and _ZARR_IMPORT is None:
-        _ZARR_IMPORT = threading.Thread(target=importlib.import_module, args=("zarr",), name="regmean-import-zarr",
-                                        daemon=True)
-        _ZARR_IMPORT.start()
-
-
-_ZARR_IMPORT: threading.Thread | None = None
+    """Start importing zarr on a thread of its own, once per process: the import takes about 0.25 s on a
+    2-core machine, which then overlaps a merge's planning instead of delaying its first Gram read.
+    (Python's import lock makes a later ``import zarr`` wait for it, not import twice.)"""
+    if "zarr" not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=("zarr",), name="regmean-import-zarr",
+                         daemon=True).start()
 
 
 def _check_zarr_chunks(array, folder: Folder, where: str) -> None:

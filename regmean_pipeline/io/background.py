@@ -31,7 +31,7 @@ class BackgroundWrites:
     def __init__(self, write: Write, max_pending_bytes: int) -> None:
         self._write = write
         self._limit = max(1, max_pending_bytes)
-        self._queue: deque[tuple[str, torch.Tensor]] = deque()
+        self._queue: deque[tuple[str, torch.Tensor, int]] = deque()  # name, tensor, bytes
         self._pending_bytes = 0
         self._closed = False
         self._error: BaseException | None = None
@@ -48,7 +48,7 @@ class BackgroundWrites:
             while self._error is None and self._queue and self._pending_bytes + size > self._limit:
                 self._changed.wait()
             self._raise_error()
-            self._queue.append((name, tensor))
+            self._queue.append((name, tensor, size))
             self._pending_bytes += size
             self._changed.notify_all()
 
@@ -75,7 +75,7 @@ class BackgroundWrites:
                     self._changed.wait()
                 if not self._queue:
                     return
-                name, tensor = self._queue[0]
+                name, tensor, size = self._queue[0]
             try:
                 self._write(name, tensor)
             except BaseException as exc:  # handed to the producer
@@ -88,6 +88,6 @@ class BackgroundWrites:
             with self._changed:
                 if self._queue:  # cleared meanwhile if the producer failed
                     self._queue.popleft()
-                    self._pending_bytes -= tensor.numel() * tensor.element_size()
+                    self._pending_bytes -= size
                 self._changed.notify_all()
             del tensor
