@@ -3,6 +3,7 @@ accuracy `regmean eval` adds without changing the model's score key."""
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from regmean_pipeline.config import OPTION_KEYS, load_config
+from regmean_pipeline.merge import model_card
 from regmean_pipeline.merge.model_card import (
     ACCURACY_BEGIN,
     HEAD_TABLES,
@@ -292,6 +294,26 @@ def test_auto_tables_read_from_source_equal_the_imported_ones():
         assert _literal_auto_table(name) == dict(getattr(modeling_auto, name)), name
         assert auto_table(name) == dict(getattr(modeling_auto, name)), name
     assert auto_table("NO_SUCH_MAPPING_NAMES") == {}
+
+
+def test_each_auto_table_is_parsed_from_its_own_statement():
+    """The lookup parses only the statement of the table it needs (not the 2800-line module): every
+    table's cut must parse on its own to the same node as the whole module's parse gives."""
+    whole = model_card._auto_table_nodes()
+    cuts = model_card._auto_table_statements()
+    assert set(cuts) == set(whole) and len(whole) > 40
+    for name, node in whole.items():
+        alone = ast.parse(cuts[name]).body
+        assert len(alone) == 1 and model_card._mapping_assignment(alone[0]) == name, name
+        assert ast.dump(model_card._auto_table_node(name)) == ast.dump(node), name
+
+
+def test_a_cut_that_does_not_parse_falls_back_to_the_whole_module(monkeypatch):
+    name = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
+    cuts = dict(model_card._auto_table_statements())
+    cuts[name] = cuts[name][: len(cuts[name]) // 2]  # cut mid-table: a syntax error
+    monkeypatch.setattr(model_card, "_auto_table_statements", lambda: cuts)
+    assert ast.dump(model_card._auto_table_node(name)) == ast.dump(model_card._auto_table_nodes()[name])
 
 
 def test_pipeline_tag_lookup_does_not_import_the_model_tables():

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import logging
 import math
-import posixpath
-import sys
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import torch
 
 from regmean_pipeline.cache.manifest import CHECKPOINT_FIELD, GramEntry, Manifest, read_manifest
 from regmean_pipeline.cache.symmetric import pack_upper, packed_length, unpack_upper
+from regmean_pipeline.cache.zarr_plain import check_chunk_files, plain_layout, read_chunks, read_metadata
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.paths import inside
 from regmean_pipeline.io.safetensors_io import DTYPE_NAMES, SafetensorsFileWriter, SafetensorsReader, TensorSpec
@@ -123,8 +120,6 @@ class GramCache:
         if not self.folder.exists(file):
             raise RegMeanError(f"{self.path}: missing; the cache in {self.folder} is incomplete")
         self._store = None
-        if self.manifest.storage == "zarr":
-            _import_zarr_in_background()
 
     @property
     def name(self) -> str:
@@ -158,14 +153,19 @@ class GramCache:
         dtype = np.dtype(self.manifest.accumulate_dtype)
         if out is not None and (out.shape != (length,) or out.dtype != dtype or not out.flags.c_contiguous):
             raise ValueError(f"{where}: out must be a contiguous {dtype}[{length}], got {out.dtype}{list(out.shape)}")
-        store = self._open(where)
+        layout = array = None
+        if self.manifest.storage == "zarr":
+            if self.folder.is_local:
+                inside(self.path.local_path, key, where)
+            layout = plain_layout(read_metadata(self.path.child(key), where))
         try:
-            if self.manifest.storage == "zarr":
-                if self.folder.is_local:
-                    inside(self.path.local_path, key, where)
-                array = store[key]
+            if layout is not None:  # the layout this tool writes: read without zarr
+                shape, stored = (layout.length,), layout.dtype
+            elif self.manifest.storage == "zarr":
+                array = self._open(where)[key]
                 shape, stored = tuple(array.shape), np.dtype(array.dtype)
             else:
+                store = self._open(where)
                 if key not in store.keys():
                     raise KeyError(key)
                 shape, stored = store.shape(key), np.dtype(_NP_DTYPES.get(DTYPE_NAMES[store.dtype(key)], "V"))
@@ -177,12 +177,19 @@ class GramCache:
             raise RegMeanError(f"{where}: unreadable ({_first_line(exc)})") from None
         if shape != (length,) or stored != dtype:
             raise RegMeanError(f"{where}: stored as {stored}{list(shape)}, manifest says {dtype}[{length}]")
-        if self.manifest.storage == "zarr":
-            _check_zarr_chunks(array, self.path.child(key), where)
+        if layout is not None:
+            check_chunk_files(self.path.child(key), layout.chunk_bytes, layout.nchunks, where)
+        elif array is not None:
+            if array.compressors or array.filters:
+                raise RegMeanError(f"{where}: compressed or filtered chunks; this tool writes plain ones")
+            check_chunk_files(self.path.child(key), math.prod(array.chunks) * array.dtype.itemsize, array.nchunks,
+                              where)
         values = np.empty(length, dtype) if out is None else out
         try:
-            if self.manifest.storage == "zarr":
-                _read_plain_chunks(array, self.path.child(key), values)
+            if layout is not None:
+                read_chunks(layout, self.path.child(key), values)
+            elif array is not None:
+                values[...] = array[...]
             else:
                 store.read(key, out=torch.from_numpy(values))
         except Exception as exc:
@@ -196,77 +203,6 @@ class GramCache:
     def read(self, key: str) -> torch.Tensor:
         """The full symmetric (d, d) Gram sum."""
         return unpack_upper(torch.from_numpy(self.read_packed(key)), self.manifest.grams[key].dim)
-
-
-@functools.cache
-def _import_zarr_in_background() -> None:
-    """Start importing zarr on a thread of its own, once per process: the import takes about 0.25 s on a
-    2-core machine, which then overlaps a merge's planning instead of delaying its first Gram read.
-    (Python's import lock makes a later ``import zarr`` wait for it, not import twice.)"""
-    if "zarr" not in sys.modules:
-        threading.Thread(target=importlib.import_module, args=("zarr",), name="regmean-import-zarr",
-                         daemon=True).start()
-
-
-def _check_zarr_chunks(array, folder: Folder, where: str) -> None:
-    """Uncompressed chunks, all present as plain files of the full chunk size, before any read.
-
-    This bounds what reading can allocate by what is really on disk: metadata alone (a hostile
-    zarr.json with a huge shape and no chunks) cannot make us allocate, and a missing chunk is not
-    silently read as zeros.
-    """
-    if array.compressors or array.filters:
-        raise RegMeanError(f"{where}: compressed or filtered chunks; this tool writes plain ones")
-    chunk_bytes = math.prod(array.chunks) * array.dtype.itemsize
-    found = 0
-    for path, info in folder.fs.find(folder.path, withdirs=True, detail=True).items():
-        relative = posixpath.relpath(path, folder.path)
-        if info.get("islink"):
-            raise RegMeanError(f"{where}: {relative} is a link; a cache holds only plain files")
-        if info.get("type") != "file" or relative == "zarr.json":
-            continue
-        if info.get("size") != chunk_bytes:
-            raise RegMeanError(f"{where}: chunk {relative} holds {info.get('size')} bytes, not {chunk_bytes}; "
-                               "the file is truncated or damaged")
-        found += 1
-    if found != array.nchunks:
-        raise RegMeanError(f"{where}: {found} chunk files on disk where {array.nchunks} belong; chunks are "
-                           "missing or foreign")
-
-
-def _read_plain_chunks(array, folder: Folder, values: np.ndarray) -> None:
-    """A 1-D zarr array's values read from its chunk files straight into ``values``.
-
-    ``_check_zarr_chunks`` has made sure that each chunk is a plain file of the full chunk size; with
-    the bytes codec as the only codec (what this tool writes), a chunk file is its elements' raw bytes.
-    Reading them so skips zarr's event-loop round trip and its intermediate copies (3 to 7x faster on
-    a cached file here); an array with any other codec or byte order is read through zarr.
-    """
-    from zarr.codecs import BytesCodec
-
-    serializer = getattr(array, "serializer", None)
-    endian = getattr(getattr(serializer, "endian", None), "value", None)
-    if not isinstance(serializer, BytesCodec) or (values.itemsize > 1 and endian != sys.byteorder):
-        values[...] = array[...]
-        return
-    chunk = array.chunks[0]
-    raw = memoryview(values).cast("B")
-    for index in range(array.nchunks):
-        name = array.metadata.encode_chunk_key((index,))
-        begin, end = index * chunk * values.itemsize, min((index + 1) * chunk, values.size) * values.itemsize
-        if folder.is_local:
-            with open(folder.local_path / name, "rb", buffering=0) as file:
-                target = raw[begin:end]
-                while target:
-                    count = file.readinto(target)
-                    if not count:
-                        raise ValueError(f"chunk {name} ends early")
-                    target = target[count:]
-        else:
-            data = folder.read_range(name, 0, end - begin)
-            if len(data) != end - begin:
-                raise ValueError(f"chunk {name} ends early")
-            raw[begin:end] = data
 
 
 def _first_line(exc: BaseException) -> str:
