@@ -116,7 +116,7 @@ def test_the_plain_layout_is_recognised_only_as_this_tool_writes_it(bert_caches)
         assert plain_layout(edited(change)) is None
 
 
-def test_an_oversized_or_non_object_zarr_json_is_refused(bert_caches, tmp_path, monkeypatch):
+def test_an_oversized_deeply_nested_or_non_object_zarr_json_is_refused(bert_caches, tmp_path, monkeypatch):
     from regmean_pipeline.cache import zarr_plain
     from regmean_pipeline.errors import RegMeanError
 
@@ -126,6 +126,10 @@ def test_an_oversized_or_non_object_zarr_json_is_refused(bert_caches, tmp_path, 
     (folder / "grams.zarr" / key / "zarr.json").write_text("[1, 2]")
     with pytest.raises(RegMeanError, match="not a JSON object"):
         GramCache(folder).read_packed(key)
+    (folder / "grams.zarr" / key / "zarr.json").write_text("[" * 100_000)  # nesting that json.loads recurses on
+    with pytest.raises(RegMeanError, match="unreadable zarr.json: not acceptable JSON"):
+        GramCache(folder).read_packed(key)
+    (folder / "grams.zarr" / key / "zarr.json").write_text("[1, 2]")
     monkeypatch.setattr(zarr_plain, "MAX_METADATA_BYTES", 4)
     with pytest.raises(RegMeanError, match="holds 6 bytes"):
         GramCache(folder).read_packed(key)

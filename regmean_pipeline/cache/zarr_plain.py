@@ -10,13 +10,13 @@ copies. Any other layout (``plain_layout`` returns None for it) is read through 
 
 from __future__ import annotations
 
-import json
 import posixpath
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from regmean_pipeline.cache.manifest import decode_json
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.storage import Folder
 
@@ -49,8 +49,8 @@ class PlainArray:
 
 
 def read_metadata(array: Folder, where: str) -> dict:
-    """The array's zarr.json as a dict; RegMeanError when there is none (the array is missing) or it
-    is not a JSON object."""
+    """The array's zarr.json as a dict, read and decoded as untrusted (like a manifest); RegMeanError when
+    there is none (the array is missing), it is too large, or it is not a JSON object."""
     try:
         size = array.size(METADATA_FILE)
     except FileNotFoundError:
@@ -60,9 +60,10 @@ def read_metadata(array: Folder, where: str) -> dict:
     if size > MAX_METADATA_BYTES:
         raise RegMeanError(f"{where}: {METADATA_FILE} holds {size} bytes; not a cache's array")
     try:
-        metadata = json.loads(array.read_text(METADATA_FILE))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raw = array.read_range(METADATA_FILE, 0, size)
+    except OSError as exc:
         raise RegMeanError(f"{where}: unreadable {METADATA_FILE} ({exc})") from None
+    metadata = decode_json(raw, f"{where}: unreadable {METADATA_FILE}")
     if not isinstance(metadata, dict):
         raise RegMeanError(f"{where}: {METADATA_FILE} is not a JSON object")
     return metadata
