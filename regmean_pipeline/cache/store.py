@@ -154,10 +154,11 @@ class GramCache:
         if out is not None and (out.shape != (length,) or out.dtype != dtype or not out.flags.c_contiguous):
             raise ValueError(f"{where}: out must be a contiguous {dtype}[{length}], got {out.dtype}{list(out.shape)}")
         layout = array = None
+        array_folder = self.path.child(key)
         if self.manifest.storage == "zarr":
             if self.folder.is_local:
                 inside(self.path.local_path, key, where)
-            layout = plain_layout(read_metadata(self.path.child(key), where))
+            layout = plain_layout(read_metadata(array_folder, where))
         try:
             if layout is not None:  # the layout this tool writes: read without zarr
                 shape, stored = (layout.length,), layout.dtype
@@ -178,16 +179,16 @@ class GramCache:
         if shape != (length,) or stored != dtype:
             raise RegMeanError(f"{where}: stored as {stored}{list(shape)}, manifest says {dtype}[{length}]")
         if layout is not None:
-            check_chunk_files(self.path.child(key), layout.chunk_bytes, layout.nchunks, where)
+            check_chunk_files(array_folder, layout.chunk_bytes, layout.nchunks, where)
         elif array is not None:
             if array.compressors or array.filters:
                 raise RegMeanError(f"{where}: compressed or filtered chunks; this tool writes plain ones")
-            check_chunk_files(self.path.child(key), math.prod(array.chunks) * array.dtype.itemsize, array.nchunks,
+            check_chunk_files(array_folder, math.prod(array.chunks) * array.dtype.itemsize, array.nchunks,
                               where)
         values = np.empty(length, dtype) if out is None else out
         try:
             if layout is not None:
-                read_chunks(layout, self.path.child(key), values)
+                read_chunks(layout, array_folder, values)
             elif array is not None:
                 values[...] = array[...]
             else:

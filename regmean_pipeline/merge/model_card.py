@@ -207,7 +207,8 @@ def _auto_table_statements() -> dict[str, str]:
     starts = [match.start() for match in _TOP_LEVEL_START.finditer(source)] + [len(source)]
     statements = {}
     for begin, end in zip(starts, starts[1:]):
-        head = source[begin:source.find("=", begin, end)].strip() if "=" in source[begin:end] else ""
+        equals = source.find("=", begin, end)
+        head = source[begin:equals].strip() if equals >= 0 else ""
         if head.endswith("_MAPPING_NAMES") and head.isidentifier():
             statements[head] = source[begin:end]
     return statements
