@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,35 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# Runs argv[2:] as its child and writes that child's ru_maxrss (bytes) to argv[1]. A fork's peak RSS counts
+# the image it was forked from; forked from this small interpreter (-S: no site), not from the bench's large
+# one, the child's own peak is what shows.
+_PEAK_WRAPPER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed_process(command: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """A whole process, start to exit: wall seconds and its peak RSS (ru_maxrss from os.wait4, the VmHWM
+    it had at exit), for commands that cannot report their own (mergekit-yaml, the regmean CLI). It is
+    started by a small wrapper interpreter (_PEAK_WRAPPER), so the bench's own memory is not counted.
+    Output goes to ``log``; a failure raises with its tail."""
+    peak = log.with_suffix(".peak")
+    with open(log, "w") as output:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-S", "-c", _PEAK_WRAPPER, str(peak), *command], stdout=output,
+                              stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed ({done.returncode}):\n{log.read_text()[-3000:]}")
+    return {"wall_s": wall, "peak_rss": int(peak.read_text())}
 
 
 def llama_config(layers: int = 8, hidden: int = 1024, intermediate: int = 2816, heads: int = 16,
@@ -71,6 +102,37 @@ def perturbed_copy(base: Path, folder: Path, seed: int, scale: float = 0.02) -> 
         if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
             shutil.copy2(item, folder / item.name)
     return folder
+
+
+def minilm_classifier(folder: Path, labels: int = 2, seed: int = 0) -> Path:
+    """The MiniLM with a seeded random sequence-classification head, saved with its tokenizer: Fisher
+    merging needs an output distribution, which FusionBench's Fisher estimator takes from a classifier."""
+    base = minilm_path()
+    torch.manual_seed(seed)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its report of the newly initialised head is the point here
+    try:
+        model = transformers.BertForSequenceClassification.from_pretrained(str(base), num_labels=labels).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.config.architectures = ["BertForSequenceClassification"]
+    model.save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (base / name).exists():
+            shutil.copy2(base / name, folder / name)
+    return Path(folder)
+
+
+def tiny_bert_classifier(folder: Path, labels: int = 2, seed: int = 0) -> Path:
+    """A small randomly initialised BERT classifier (2 layers, hidden 64) with the word-level test tokenizer:
+    the Fisher comparisons of ``--quick``, where the MiniLM's 22M parameters cost minutes."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128, num_labels=labels,
+                                     pad_token_id=0, architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(str(folder))
+    make_tokenizer(folder)
+    return Path(folder)
 
 
 def text_task(path: Path, n: int, seed: int) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import sys
@@ -28,11 +29,12 @@ import transformers
 
 from bench.fixtures import llama_config, markdown_table, matmul_rate, recorded_timed_grams, timed
 from regmean_pipeline.cache.manifest import manifest_from_stats
-from regmean_pipeline.cache.store import GramCache, write_cache
+from regmean_pipeline.cache.store import StatsCache, write_cache
 from regmean_pipeline.io.weights import SafetensorsCheckpoint, fingerprint, open_weights
 from regmean_pipeline.measure.gram import collect_grams
 from regmean_pipeline.merge.solve import solve_batch
-from stages.merge import MergeOptions, run_merge
+from stages.merge import run_merge
+from stages.merge_options import MergeOptions
 
 log = logging.getLogger("bench.gpu")
 
@@ -121,7 +123,7 @@ def checked_read(caches: list[Path]) -> float:
     """Seconds to read every Gram (checksums, finiteness checks) and every weight tensor of the candidates."""
     started = time.perf_counter()
     for folder in caches:
-        cache = GramCache(folder)
+        cache = StatsCache(folder)
         for key in cache.manifest.grams:
             cache.read_packed(key)
         weights = SafetensorsCheckpoint(Path(cache.manifest.model["reference"]))
@@ -132,22 +134,29 @@ def checked_read(caches: list[Path]) -> float:
 
 def solve_comparison(shapes: list[tuple[int, int]], count: int, device: torch.device) -> list[dict]:
     """Batched solve_batch over ``count`` systems of each (d, width) vs one call per system."""
-    results = []
     generator = torch.Generator(device=device).manual_seed(0)
-    for dim, width in shapes:
-        factor = torch.randn(count, dim, dim, device=device, generator=generator) / dim ** 0.5
-        matrix = factor @ factor.transpose(1, 2) + torch.eye(dim, device=device)
-        del factor
-        rhs = torch.randn(count, dim, width, device=device, generator=generator)
-        anchor = torch.randn(count, dim, width, device=device, generator=generator)
-        target = torch.zeros_like(anchor)
-        solve_batch(matrix[:1], rhs[:1], anchor[:1].clone(), target[:1])  # warm-up
-        batched = timed(lambda: solve_batch(matrix, rhs, anchor.clone(), target), device)
-        looped = timed(lambda: [solve_batch(matrix[i:i + 1], rhs[i:i + 1], anchor[i:i + 1].clone(), target[i:i + 1])
-                                for i in range(count)], device)
-        results.append({"dim": dim, "width": width, "systems": count, "batched_s": batched, "loop_s": looped})
-        del matrix, rhs, anchor, target
-    return results
+    return [solve_timing(dim, width, count, device, generator) for dim, width in shapes]
+
+
+def solve_timing(dim: int, width: int, count: int, device: torch.device, generator: torch.Generator) -> dict:
+    """One shape's timings; its tensors are freed when this returns."""
+    factor = torch.randn(count, dim, dim, device=device, generator=generator) / dim ** 0.5
+    matrix = factor @ factor.transpose(1, 2) + torch.eye(dim, device=device)
+    del factor
+    rhs = torch.randn(count, dim, width, device=device, generator=generator)
+    anchor = torch.randn(count, dim, width, device=device, generator=generator)
+    target = torch.zeros_like(anchor)
+
+    def batched() -> None:
+        solve_batch(matrix, rhs, anchor.clone(), target)
+
+    def looped() -> None:
+        for i in range(count):
+            solve_batch(matrix[i:i + 1], rhs[i:i + 1], anchor[i:i + 1].clone(), target[i:i + 1])
+
+    solve_batch(matrix[:1], rhs[:1], anchor[:1].clone(), target[:1])  # warm-up
+    return {"dim": dim, "width": width, "systems": count, "batched_s": timed(batched, device),
+            "loop_s": timed(looped, device)}
 
 
 def run(sizes: GpuSizes, work: Path, device: torch.device) -> dict:
@@ -168,7 +177,7 @@ def run(sizes: GpuSizes, work: Path, device: torch.device) -> dict:
     results["tokens"] = sum(int(b["attention_mask"].sum()) for b in batches)
     forward(model, batches[:1], device)
     collect_grams(model, batches[:1], device=device)  # warm-up of both passes
-    results["forward_s"] = timed(lambda: forward(model, batches, device), device)
+    results["forward_s"] = timed(functools.partial(forward, model, batches, device), device)
 
     caches = work / "caches"
     log.info("candidate 0: stats + cache")

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _child(mode: str, spec: dict) -> dict:
     from bench.fixtures import peak_rss_bytes
-    from stages.merge import MergeOptions, run_merge
+    from stages.merge import run_merge
+    from stages.merge_options import MergeOptions
     from stages.stats import StatsOptions, run_stats
 
     root = Path(spec["root"])
@@ -40,7 +41,7 @@ def _child(mode: str, spec: dict) -> dict:
         report = run_merge(MergeOptions(
             out=str(root / "merged_plusplus"), method="regmean++", device="cpu", overwrite=True, progress=False,
             models={name: model for name, (model, _) in spec["candidates"].items()},
-            datasets={name: task for name, (_, task) in spec["candidates"].items()}, **data))
+            params={"datasets": {name: task for name, (_, task) in spec["candidates"].items()}, **data}))
         phases = {unit: sum(u.get(unit, 0.0) for u in report["units"]) for unit in ("grams_s", "solve_s", "advance_s")}
     return {"wall_s": time.perf_counter() - started, "peak_rss": peak_rss_bytes(), **phases,
             "layers_solved": report["totals"]["layers_solved"]}

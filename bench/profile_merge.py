@@ -41,7 +41,8 @@ def llama_caches(work: Path, sizes: Sizes) -> Path:
 
 
 def profile_merge(caches: Path, out: Path, rows: int) -> dict:
-    from stages.merge import MergeOptions, run_merge
+    from stages.merge import run_merge
+    from stages.merge_options import MergeOptions
 
     options = MergeOptions(out=str(out), cache_dir=str(caches), device="cpu", batch_memory="1GiB", overwrite=True,
                            progress=False)

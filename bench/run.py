@@ -9,9 +9,12 @@ Runs on the CPU in minutes and prints ONE table. Every ratio compares numbers ta
   weights (each merge in its own child process, peak RSS = its VmHWM), and the largest relative
   difference between the two merged models; the rate of our solve phase (the merge report's
   ``timings.solve``, RegMean's flops as ``fixtures.regmean_solve_flops`` counts them) vs the matmul;
-- merge peak RSS when the layer count doubles; cache bytes vs one float32 matrix per linear module.
+- merge peak RSS when the layer count doubles; cache bytes vs one float32 matrix per linear module;
+- the other merge methods (bench/methods.py): TIES, DARE and Fisher merging against FusionBench's own
+  functions on the same inputs, our Fisher estimate and stats pass against FusionBench's, and our TIES and
+  average against ``mergekit-yaml`` (whole processes) on the Llama-shaped candidates.
 
-    python -m bench.run [--work outputs/bench] [--report bench/last_run.md] [--quick]
+    python -m bench.run [--work outputs/bench] [--report bench/last_run.md] [--quick] [--only PART,...]
 
 Where the merge's time goes (torch profiler, top rows): ``python -m bench.profile_merge``.
 """
@@ -35,7 +38,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from bench import plusplus
+from bench import methods, plusplus
 from bench.fixtures import (
     FusionBenchStyleStats,
     TimedGrams,
@@ -78,11 +81,16 @@ class Sizes:
     batch_size: int = 16
     max_length: int = 128  # the sentences are 4 to 100 words
     merge_rounds: int = 3  # fresh processes of each merge, alternating; the median is reported
+    # bench/methods.py: the candidates of TIES and DARE against FusionBench (minilm or llama, the bench's
+    # Llama-shaped ones) and the classifier of the Fisher comparisons (minilm or tiny, a 2-layer BERT)
+    methods_candidates: str = "minilm"
+    fisher_classifier: str = "minilm"
 
 
 QUICK = Sizes(matmul=1024, minilm_examples=16, llama_examples=4, candidate_examples_minilm=8,
               candidate_examples_llama=4, llama_layers=2, llama_hidden=256, llama_mlp=704, doubling_layers=1,
-              doubling_hidden=256, doubling_mlp=704, doubling_budget="2MiB", batch_size=4, max_length=64, merge_rounds=1)
+              doubling_hidden=256, doubling_mlp=704, doubling_budget="2MiB", batch_size=4, max_length=64,
+              merge_rounds=1, methods_candidates="llama", fisher_classifier="tiny")
 
 
 def stats_passes(model_dir: Path, task: Path, examples: int, sizes: Sizes) -> dict:
@@ -218,10 +226,10 @@ def float64_check(caches: Path, ours: Path, theirs: Path, names: list[str]) -> t
     """Relative errors of both results on ``names`` against merging_with_regmean_weights in float64."""
     from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
 
-    from regmean_pipeline.cache.store import GramCache
+    from regmean_pipeline.cache.store import StatsCache
     from regmean_pipeline.io.weights import SafetensorsCheckpoint
 
-    cache_list = [GramCache(p) for p in sorted(caches.iterdir()) if (p / "manifest.json").exists()]
+    cache_list = [StatsCache(p) for p in sorted(caches.iterdir()) if (p / "manifest.json").exists()]
     weights = [SafetensorsCheckpoint(Path(c.manifest.model["reference"])) for c in cache_list]
     module_of = {layer.weight: (name, layer.gram) for name, layer in cache_list[0].manifest.layers.items()}
     ours_errors, theirs_errors = [], []
@@ -229,7 +237,7 @@ def float64_check(caches: Path, ours: Path, theirs: Path, names: list[str]) -> t
         if name not in module_of:
             continue
         module, key = module_of[name]
-        grams = [{module: c.read(key).double() / c.manifest.grams[key].tokens} for c in cache_list]
+        grams = [{module: c.gram(key).double() / c.manifest.grams[key].tokens} for c in cache_list]
         exact = merging_with_regmean_weights({name: [w.get(name).double() for w in weights]}, grams,
                                              reduce_non_diagonal_ratio=0.95)[name]
         for folder, errors in ((ours, ours_errors), (theirs, theirs_errors)):
@@ -238,8 +246,12 @@ def float64_check(caches: Path, ours: Path, theirs: Path, names: list[str]) -> t
     return ours_errors, theirs_errors
 
 
-def measure(work: Path, sizes: Sizes) -> dict:
-    results: dict = {"sizes": sizes.__dict__}
+PARTS = ("stats", "regmean", "plusplus", "doubling", "methods")
+
+
+def measure(work: Path, sizes: Sizes, parts: tuple[str, ...] = PARTS) -> dict:
+    """The measurements of ``parts`` (all by default; fewer to try one piece: ``--only methods``)."""
+    results: dict = {"sizes": sizes.__dict__, "parts": list(parts)}
     started = time.perf_counter()
     log.info("matmul rate")
     results["matmul_flops"] = matmul_rate(sizes.matmul, torch.device("cpu"), torch.float32)
@@ -248,38 +260,47 @@ def measure(work: Path, sizes: Sizes) -> dict:
     llama_root = work / "llama"
     llama_base = build_llama(llama_root / "base", llama_config(sizes.llama_layers, sizes.llama_hidden,
                                                                sizes.llama_mlp))
-    for name, base, examples in (("minilm", minilm, sizes.minilm_examples),
-                                 ("llama", llama_base, sizes.llama_examples)):
-        log.info("stats passes: %s", name)
-        task = text_task(work / f"{name}_stats_task.jsonl", n=examples, seed=1)
-        results[f"stats_{name}"] = stats_passes(base, task, examples, sizes)
+    if "stats" in parts:
+        for name, base, examples in (("minilm", minilm, sizes.minilm_examples),
+                                     ("llama", llama_base, sizes.llama_examples)):
+            log.info("stats passes: %s", name)
+            task = text_task(work / f"{name}_stats_task.jsonl", n=examples, seed=1)
+            results[f"stats_{name}"] = stats_passes(base, task, examples, sizes)
 
-    log.info("candidates: MiniLM x5")
-    minilm_caches = make_candidates(minilm, work / "minilm", 5, sizes.candidate_examples_minilm, sizes, "minilm")
-    log.info("candidates: Llama-shaped x4")
-    llama_caches = make_candidates(llama_base, llama_root, 4, sizes.candidate_examples_llama, sizes, "llama")
-    for name, caches in (("minilm", minilm_caches), ("llama", llama_caches)):
-        log.info("merge: %s, ours vs FusionBench", name)
-        results[f"merge_{name}"] = merge_comparison(caches, work / name, sizes.matmul, sizes.merge_rounds)
-        results[f"cache_{name}"] = cache_ratio(next(p for p in sorted(caches.iterdir()) if p.is_dir()))
+    if {"regmean", "plusplus", "methods"} & set(parts):
+        log.info("candidates: MiniLM x5")
+        minilm_caches = make_candidates(minilm, work / "minilm", 5, sizes.candidate_examples_minilm, sizes, "minilm")
+        log.info("candidates: Llama-shaped x4")
+        llama_caches = make_candidates(llama_base, llama_root, 4, sizes.candidate_examples_llama, sizes, "llama")
+    if "regmean" in parts:
+        for name, caches in (("minilm", minilm_caches), ("llama", llama_caches)):
+            log.info("merge: %s, ours vs FusionBench", name)
+            results[f"merge_{name}"] = merge_comparison(caches, work / name, sizes.matmul, sizes.merge_rounds)
+            results[f"cache_{name}"] = cache_ratio(next(p for p in sorted(caches.iterdir()) if p.is_dir()))
 
-    for name, root, k, examples in (("minilm", work / "minilm", 5, sizes.candidate_examples_minilm),
-                                    ("llama", llama_root, 4, sizes.candidate_examples_llama)):
-        log.info("RegMean++ vs RegMean stats + merge: %s", name)
-        results[f"plusplus_{name}"] = plusplus.compare(
-            root / "plusplus", {f"{name}_{i}": (root / f"{name}_{i}", root / f"task_{i}.jsonl") for i in range(k)},
-            examples=examples, batch_size=sizes.batch_size, max_length=sizes.max_length)
+    if "plusplus" in parts:
+        for name, root, k, examples in (("minilm", work / "minilm", 5, sizes.candidate_examples_minilm),
+                                        ("llama", llama_root, 4, sizes.candidate_examples_llama)):
+            log.info("RegMean++ vs RegMean stats + merge: %s", name)
+            results[f"plusplus_{name}"] = plusplus.compare(
+                root / "plusplus", {f"{name}_{i}": (root / f"{name}_{i}", root / f"task_{i}.jsonl")
+                                    for i in range(k)},
+                examples=examples, batch_size=sizes.batch_size, max_length=sizes.max_length)
 
-    log.info("merge: layer count doubled")
-    merges = {}
-    for label, layers in (("half", sizes.doubling_layers), ("full", 2 * sizes.doubling_layers)):
-        root = work / f"doubling_{layers}"
-        base = build_llama(root / "base", llama_config(layers, sizes.doubling_hidden, sizes.doubling_mlp))
-        caches = make_candidates(base, root, 2, sizes.candidate_examples_llama, sizes, "d")
-        merges[label] = child_merge("ours", caches, root / "merged", sizes.doubling_budget)
-    results["doubling"] = {"layers": [sizes.doubling_layers, 2 * sizes.doubling_layers],
-                           "shape": f"hidden {sizes.doubling_hidden}, MLP {sizes.doubling_mlp}",
-                           "batch_memory": sizes.doubling_budget, **merges}
+    if "doubling" in parts:
+        log.info("merge: layer count doubled")
+        merges = {}
+        for label, layers in (("half", sizes.doubling_layers), ("full", 2 * sizes.doubling_layers)):
+            root = work / f"doubling_{layers}"
+            base = build_llama(root / "base", llama_config(layers, sizes.doubling_hidden, sizes.doubling_mlp))
+            caches = make_candidates(base, root, 2, sizes.candidate_examples_llama, sizes, "d")
+            merges[label] = child_merge("ours", caches, root / "merged", sizes.doubling_budget)
+        results["doubling"] = {"layers": [sizes.doubling_layers, 2 * sizes.doubling_layers],
+                               "shape": f"hidden {sizes.doubling_hidden}, MLP {sizes.doubling_mlp}",
+                               "batch_memory": sizes.doubling_budget, **merges}
+
+    if "methods" in parts:
+        results["methods"] = methods.measure(work, minilm, llama_base, llama_root, sizes)
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -294,6 +315,8 @@ def table(results: dict) -> str:
     matmul = results["matmul_flops"]
     row("float32 torch.matmul rate (GFLOP/s)", "", f"{matmul / 1e9:.1f}", "", "")
     for name, label in (("minilm", "MiniLM-L6"), ("llama", "Llama-shaped")):
+        if f"stats_{name}" not in results:  # --only without stats
+            continue
         s = results[f"stats_{name}"]
         n = s["examples"]
         ours, forward, theirs = s["ours_s"] / n, s["forward_s"] / n, s["fusionbench_s"] / n
@@ -311,6 +334,8 @@ def table(results: dict) -> str:
         row(f"stats {label}: Gram time vs a full X^T X at matmul rate", f"{s['product_seconds']:.2f}s",
             f"{s['full_flops'] / matmul:.2f}s", f"{s['full_flops'] / matmul / s['product_seconds']:.2f}x", "")
     for name, label, k in (("minilm", "MiniLM-L6", 5), ("llama", "Llama-shaped", 4)):
+        if f"merge_{name}" not in results:
+            continue
         m = results[f"merge_{name}"]
         ours, theirs = m["ours"], m["fusionbench"]
         row(f"merge {label} K={k}: wall s, ours (whole CLI merge) vs FusionBench function only",
@@ -334,17 +359,23 @@ def table(results: dict) -> str:
             exact = m["ours_vs_float64"]
             row(f"merge {label} K={k}: on those, error vs FusionBench's function in float64",
                 f"{exact:.1e}", f"{m['fusionbench_vs_float64']:.1e}", "", "<= 1e-4", exact <= 1e-4)
-    d = results["doubling"]
-    half, full = d["half"]["peak_rss"], d["full"]["peak_rss"]
-    row(f"merge peak RSS MiB, Llama {d['shape']}, {d['layers'][0]} -> {d['layers'][1]} layers (K=2, "
-        f"--batch-memory {d['batch_memory']})",
-        f"{full / 2**20:.0f}", f"{half / 2**20:.0f}", f"{full / half:.2f}x", "<= 1.10x", full / half <= 1.10)
+    if "doubling" in results:
+        d = results["doubling"]
+        half, full = d["half"]["peak_rss"], d["full"]["peak_rss"]
+        row(f"merge peak RSS MiB, Llama {d['shape']}, {d['layers'][0]} -> {d['layers'][1]} layers (K=2, "
+            f"--batch-memory {d['batch_memory']})",
+            f"{full / 2**20:.0f}", f"{half / 2**20:.0f}", f"{full / half:.2f}x", "<= 1.10x", full / half <= 1.10)
     for name, label, k in (("minilm", "MiniLM-L6", 5), ("llama", "Llama-shaped", 4)):
-        rows += plusplus.rows(results[f"plusplus_{name}"], label, k)
+        if f"plusplus_{name}" in results:
+            rows += plusplus.rows(results[f"plusplus_{name}"], label, k)
     for name, label in (("minilm", "MiniLM-L6"), ("llama", "Llama-shaped")):
+        if f"cache_{name}" not in results:
+            continue
         disk, dense = results[f"cache_{name}"]
         row(f"cache {label}: MiB on disk vs float32 matrix per module", f"{disk / 2**20:.1f}",
             f"{dense / 2**20:.1f}", f"{disk / dense:.2f}x", "<= 0.55x", disk / dense <= 0.55)
+    if "methods" in results:
+        rows += methods.rows(results["methods"])
 
     return markdown_table(("measurement", "ours", "reference", "ratio", "target", "met"), rows)
 
@@ -362,14 +393,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "bench")
     parser.add_argument("--report", type=Path, default=None, help="also write the table (markdown) here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the whole bench")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to measure (default: all of {','.join(PARTS)})")
     args = parser.parse_args()
+    parts = tuple(part.strip() for part in args.only.split(",") if part.strip())
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("regmean_pipeline", "stages", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.manual_seed(0)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    results = measure(args.work, QUICK if args.quick else Sizes())
+    results = measure(args.work, QUICK if args.quick else Sizes(), parts)
     rounds = results["sizes"]["merge_rounds"]
     text = (f"{table(results)}\n\nmerge rows: the median of {rounds} fresh processes of each merge, run alternately\n"
             f"{machine()}; bench ran {results['seconds']:.0f}s\n")

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from demos.sweep_summary import summary as sweep_summary
 from regmean_pipeline.measure.chat import ChatEncoder
+from regmean_pipeline.tasks.validation import split_off_validation
 from regmean_pipeline.testing import CHAT_TASKS, WORDS, make_chat_tokenizer, tiny_config, write_chat_task
 
 log = logging.getLogger("demos.llm")
@@ -42,8 +44,9 @@ class Recipe:
     n_train: int = 512
     n_test: int = 128
     seed: int = 0
-    stats_examples: int = 256  # examples per adapter for its Grams
+    stats_examples: int = 256  # examples per adapter for its Grams and Fisher
     scalings: list[float] = field(default_factory=lambda: [0.3, 1.0])  # task arithmetic's lambdas
+    validation_fraction: float = 0.1  # training rows held out as each task's validation split (the sweep's)
 
 
 def generic_conversations(n: int, rng: random.Random) -> list[list[dict]]:
@@ -112,7 +115,10 @@ def train_adapter(base: Path, task: Path, folder: Path, recipe: Recipe) -> Path:
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=recipe.rank, lora_alpha=2 * recipe.rank, lora_dropout=0.0,
                                                       target_modules=LORA_TARGETS))
-    data = [json.loads(line)["messages"] for line in (task / "train.jsonl").read_text().splitlines()]
+    # The rows held out (written as the task's validation.jsonl, what `regmean sweep` scores) are not trained on.
+    kept, _ = split_off_validation(task, recipe.validation_fraction, recipe.seed)
+    rows = [json.loads(line)["messages"] for line in (task / "train.jsonl").read_text().splitlines()]
+    data = [rows[i] for i in kept]
     loss = train(lora, tokenizer, data, steps=recipe.adapter_steps, batch_size=recipe.batch_size,
                  learning_rate=recipe.learning_rate, seed=recipe.seed, desc=f"adapter {task.name}")
     lora.save_pretrained(folder)
@@ -157,8 +163,11 @@ def run(out: Path, recipe: Recipe, *, device: str = "cpu") -> dict:
         for name in CHAT_TASKS:
             regmean("stats", "--model", out / "adapters" / name, "--dataset", out / "tasks" / name / "train.jsonl",
                     "--messages-column", "messages", "--tokens", tokens, "--num-examples", recipe.stats_examples,
-                    "--device", device, "--out", out / caches / name, "--overwrite")
+                    "--statistics", "gram,fisher", "--device", device, "--out", out / caches / name, "--overwrite")
         regmean("merge", "--cache-dir", out / caches, "--out", merged / target, "--device", device, "--overwrite")
+    # Each adapter's Gram divided by its trace: every adapter weighs the same in every layer (docs/llm.md).
+    regmean("merge", "--cache-dir", out / "caches", "--gram-weighting", "trace", "--out", merged / "regmean_trace",
+            "--device", device, "--overwrite")
     # RegMean++: the same adapters and examples, each block measured on the merged model's own hidden states.
     pairs = [arg for name in CHAT_TASKS for arg in ("--model", f"{name}={out / 'adapters' / name}",
                                                     "--dataset", f"{name}={out / 'tasks' / name / 'train.jsonl'}")]
@@ -170,16 +179,30 @@ def run(out: Path, recipe: Recipe, *, device: str = "cpu") -> dict:
         regmean("merge", "--method", "task-arithmetic", "--pretrained", out / "base", "--scaling", scaling,
                 "--cache-dir", out / "caches", "--out", merged / f"task_arithmetic_{scaling}", "--device", device,
                 "--overwrite")
+    # TIES at FusionBench's defaults, and Fisher merging with the Fisher of the responses' tokens.
+    regmean("merge", "--method", "ties", "--pretrained", out / "base", "--cache-dir", out / "caches",
+            "--out", merged / "ties", "--device", device, "--overwrite")
+    regmean("merge", "--method", "fisher", "--cache-dir", out / "caches-response", "--out", merged / "fisher",
+            "--device", device, "--overwrite")
+    # The merge chosen on the tasks' validation splits, over the default grid (every point scored on test too,
+    # for the walk-through's report only).
+    regmean("sweep", "--cache-dir", out / "caches-response", *[f"--task={name}={out / 'tasks' / name}"
+                                                               for name in CHAT_TASKS],
+            "--pretrained", out / "base", "--score-test", "--device", device, "--out", out / "sweep")
     methods = [f"base={out / 'base'}", f"individual={out / 'adapters'}", f"average={merged / 'average'}"]
     methods += [f"task-arithmetic-{s}={merged / f'task_arithmetic_{s}'}" for s in recipe.scalings]
+    methods += [f"ties={merged / 'ties'}", f"fisher={merged / 'fisher'}"]
     methods += [f"regmean={merged / 'regmean'}", f"regmean-response-tokens={merged / 'regmean_response'}",
-                f"regmean++={merged / 'regmean_plusplus'}"]
+                f"regmean-trace={merged / 'regmean_trace'}", f"regmean++={merged / 'regmean_plusplus'}",
+                f"sweep={out / 'sweep' / 'best'}"]
     regmean("eval", *[f"--task={out / 'tasks' / name}" for name in CHAT_TASKS],
             *[f"--method={method}" for method in methods], "--reference", "individual", "--device", device,
             "--out", out / "eval", "--overwrite", "--reuse-scores",
             "--title", "Three LoRA adapters of a tiny Llama merged into one model: response loss per task")
     log.info("\n%s", (out / "eval" / "results.md").read_text())
-    return json.loads((out / "eval" / "results.json").read_text())
+    results = json.loads((out / "eval" / "results.json").read_text())
+    log.info("%s", sweep_summary(json.loads((out / "sweep" / "sweep.json").read_text()), results))
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:

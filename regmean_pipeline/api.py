@@ -7,6 +7,7 @@ only the caches stay in memory.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from regmean_pipeline.cache.manifest import manifest_from_stats
-from regmean_pipeline.cache.store import InMemoryGrams
+from regmean_pipeline.cache.store import InMemoryStats
 from regmean_pipeline.config import load_config, parse_config
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.model_folder import parse_size
@@ -31,15 +32,14 @@ from regmean_pipeline.measure.models import (
     tied_parameter_names,
 )
 from regmean_pipeline.merge.executor import execute_merge
-from regmean_pipeline.merge.plan import BLOCKWISE, Candidate, MergeSettings, plan_merge
+from regmean_pipeline.merge.methods.registry import config_keys
+from regmean_pipeline.merge.methods.regmean_plusplus import METHOD as BLOCKWISE_METHOD
+from regmean_pipeline.merge.plan import Candidate, MergeSettings, SolveSettings, plan_merge
 from regmean_pipeline.plusplus.runner import BlockwiseCandidate, BlockwiseMerge, BlockwiseSettings
 
 log = logging.getLogger(__name__)
 
-# config options of the stages that have no meaning here (models and data are passed to ``run``)
-CLI_ONLY = frozenset({"cache_dir", "format", "dtype", "caches", "models", "coefficients", "base", "scaling",
-                      "pretrained", "per_candidate", "max_shard_size", "batch_memory", "datasets", "split",
-                      "text_column", "text_pair_column", "image_column"})
+BLOCKWISE = BLOCKWISE_METHOD.name
 
 
 class RegMean:
@@ -74,8 +74,9 @@ class RegMean:
             raise RegMeanError(f"method: {method!r} is not one of regmean, {BLOCKWISE}")
         self.method = method
         self.num_examples = num_regmean_examples
-        self.settings = MergeSettings(reduce_non_diagonal_ratio, gram_weighting, list(exclude_param_names_regex),
-                                      parse_dtype(solve_dtype, "solve_dtype"))
+        self.solve = SolveSettings(reduce_non_diagonal_ratio, gram_weighting, parse_dtype(solve_dtype, "solve_dtype"))
+        self.settings = MergeSettings(list(exclude_param_names_regex), solve=self.solve,
+                                      statistic="gram" if method == "regmean" else None, method=method)
         try:
             self.activation_memory = parse_size(activation_memory)
         except ValueError as exc:
@@ -91,15 +92,19 @@ class RegMean:
     @classmethod
     def from_config(cls, config: str | Path | Mapping[str, Any], **overrides: Any) -> RegMean:
         """Build from a FusionBench-style YAML file or dict (same keys as configs/)."""
-        options = load_config(config) if isinstance(config, (str, Path)) else parse_config(dict(config), "config")
+        keys = config_keys()
+        options = load_config(config, keys) if isinstance(config, (str, Path)) else parse_config(dict(config), "config",
+                                                                                                  keys)
         if options.get("method", "regmean") not in ("regmean", BLOCKWISE):
             raise RegMeanError(f"config: method {options['method']!r}: the Python API merges with RegMean or "
                                f"{BLOCKWISE}; use `regmean merge` for the others")
-        unused = sorted(set(options) & CLI_ONLY)
+        renamed = {"exclude": "exclude_param_names_regex", "num_examples": "num_regmean_examples"}
+        accepted = set(inspect.signature(RegMean.__init__).parameters) - {"self"}
+        kwargs = {renamed.get(key, key): value for key, value in options.items()
+                  if renamed.get(key, key) in accepted}
+        unused = sorted(key for key in options if renamed.get(key, key) not in accepted)
         if unused:
             log.info("config: %s are options of the command line, not used here", ", ".join(unused))
-        renamed = {"exclude": "exclude_param_names_regex", "num_examples": "num_regmean_examples"}
-        kwargs = {renamed.get(key, key): value for key, value in options.items() if key not in CLI_ONLY}
         return cls(**{**kwargs, **overrides})
 
     def run(
@@ -183,7 +188,7 @@ class RegMean:
                           else type(model).__name__, "fingerprint": fingerprint(weights)},
             dataset={"in_memory": True}, storage="memory", forward_dtype=str(next(model.parameters()).dtype),
             accumulate_dtype=self.accumulate_dtype, include_padding=self.include_padding)
-        return Candidate(name, InMemoryGrams(manifest, stats.sums), weights, coefficient, where=f"<memory:{name}>")
+        return Candidate(name, InMemoryStats(manifest, stats.sums), weights, coefficient, where=f"<memory:{name}>")
 
     def _batches(self, name: str, model: nn.Module, source: Any, preprocessors: Any) -> Iterator[dict]:
         """The first num_regmean_examples examples of ``source`` as model-ready batches."""

@@ -1,5 +1,8 @@
 """YAML configs with FusionBench's RegMean key names (and this tool's own for what FusionBench cannot say);
-command-line flags override them. ``config_of`` turns options back into such a config (a model card's)."""
+command-line flags override them. ``config_of`` turns options back into such a config (a model card's).
+
+The keys here are the stages' own; each merge method's parameters add theirs (merge/methods/registry.py
+``config_keys``), which callers pass in as ``keys``."""
 
 from __future__ import annotations
 
@@ -14,10 +17,10 @@ from regmean_pipeline.errors import RegMeanError
 log = logging.getLogger(__name__)
 
 # key -> (accepted types, our option name); FusionBench's names first, then this tool's own.
-KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
+KeyTable = dict[str, tuple[tuple[type, ...], str | None]]
+KEYS: KeyTable = {
     "exclude_param_names_regex": ((list,), "exclude"),
     "num_regmean_examples": ((int,), "num_examples"),
-    "reduce_non_diagonal_ratio": ((float, int), "reduce_non_diagonal_ratio"),
     "weight_transpose": ((bool,), None),  # detected from the module type; accepted for compatibility
     "batch_size": ((int,), "batch_size"),
     "num_workers": ((int,), "num_workers"),
@@ -27,8 +30,6 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "seed": ((int,), "seed"),
     "dtype": ((str,), "dtype"),
     "accumulate_dtype": ((str,), "accumulate_dtype"),
-    "solve_dtype": ((str,), "solve_dtype"),
-    "gram_weighting": ((str,), "gram_weighting"),
     "format": ((str,), "format"),
     "device": ((str,), "device"),
     "tokens": ((str,), "tokens"),
@@ -39,7 +40,6 @@ KEYS: dict[str, tuple[tuple[type, ...], str | None]] = {
     "models": ((dict,), "models"),
     "coefficients": ((dict,), "coefficients"),
     "base": ((str,), "base"),
-    "scaling": ((float, int), "scaling"),
     "pretrained": ((str,), "pretrained"),
     "per_candidate": ((bool,), "per_candidate"),
     "max_shard_size": ((str, int), "max_shard_size"),
@@ -62,24 +62,29 @@ ITEM_TYPES: dict[str, tuple[type, ...]] = {
     "datasets": (str,), "prompt_columns": (str,),
 }
 IGNORED = {"_target_", "name", "_recursive_"}
-OPTION_KEYS = {option: key for key, (_, option) in KEYS.items() if option is not None}
 
 
-def load_config(path: str | Path | None) -> dict[str, Any]:
-    """Option name -> value from a YAML file (safe_load: no tags, no code)."""
+def load_config(path: str | Path | None, keys: KeyTable | None = None) -> dict[str, Any]:
+    """Option name -> value from a YAML file (safe_load: no tags, no code); ``keys``: the accepted keys
+    (default: the stages' own, ``KEYS``)."""
     if path is None:
         return {}
+    return parse_config(read_yaml(path, "--config") or {}, str(path), keys)
+
+
+def read_yaml(path: str | Path, flag: str) -> Any:
+    """A YAML file's data (safe_load: no tags, no code); a missing or broken file is one line naming it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise RegMeanError(f"--config {path}: no such file") from None
+        raise RegMeanError(f"{flag} {path}: no such file") from None
     except yaml.YAMLError as exc:
         raise RegMeanError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return parse_config(data or {}, str(path))
 
 
-def parse_config(data: Any, where: str) -> dict[str, Any]:
+def parse_config(data: Any, where: str, keys: KeyTable | None = None) -> dict[str, Any]:
+    keys = KEYS if keys is None else keys
     if not isinstance(data, dict):
         raise RegMeanError(f"{where}: must be a mapping of keys to values")
     data = dict(data)
@@ -98,9 +103,9 @@ def parse_config(data: Any, where: str) -> dict[str, Any]:
     for key, value in data.items():
         if key in IGNORED:
             continue
-        if key not in KEYS:
-            raise RegMeanError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(KEYS))})")
-        types, option = KEYS[key]
+        if key not in keys:
+            raise RegMeanError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(keys))})")
+        types, option = keys[key]
         if not _is(value, types):
             raise RegMeanError(f"{where}: key {key!r} must be {_names(types)}, got {value!r}")
         if key in ITEM_TYPES:
@@ -133,13 +138,19 @@ def _check_items(key: str, value: list | dict, types: tuple[type, ...], where: s
                                f"got {name}: {item!r}")
 
 
-def config_of(options: dict[str, Any]) -> dict[str, Any]:
+def option_keys(keys: KeyTable | None = None) -> dict[str, str]:
+    """Option name -> its config key."""
+    return {option: key for key, (_, option) in (KEYS if keys is None else keys).items() if option is not None}
+
+
+def config_of(options: dict[str, Any], keys: KeyTable | None = None) -> dict[str, Any]:
     """The config that ``parse_config`` reads back as these options: key names for option names, None
-    and empty collections left out. Every option must have a key (``OPTION_KEYS``)."""
-    unknown = sorted(set(options) - set(OPTION_KEYS))
+    and empty collections left out. Every option must have a key."""
+    names = option_keys(keys)
+    unknown = sorted(set(options) - set(names))
     if unknown:
         raise ValueError(f"options without a config key: {unknown}")
-    return {OPTION_KEYS[option]: value for option, value in options.items()
+    return {names[option]: value for option, value in options.items()
             if value is not None and value not in ([], {})}
 
 

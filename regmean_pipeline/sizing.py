@@ -23,6 +23,7 @@ from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.adapters import ADAPTER_WEIGHTS, is_adapter
 from regmean_pipeline.io.weights import adapter_base_dir, open_weights
+from regmean_pipeline.measure.fisher import fisher_parameters
 from regmean_pipeline.measure.linear import find_linear_layers
 from regmean_pipeline.measure.models import (
     forward_inputs,
@@ -32,7 +33,14 @@ from regmean_pipeline.measure.models import (
     tied_parameter_names,
 )
 from regmean_pipeline.measure.passes import detect_gram_keys, gram_bytes, gram_groups, plan_passes
-from regmean_pipeline.merge.plan import LOADS_AHEAD, GramGroup, MergeSettings, solve_batches, system_bytes
+from regmean_pipeline.merge.plan import (
+    LOADS_AHEAD,
+    GramGroup,
+    MergeSettings,
+    SolveSettings,
+    solve_batches,
+    system_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +108,7 @@ class RunSizes:
     candidates: int
     adapter_bytes: int = 0  # a LoRA adapter candidate's own file; its base's weights are weight_bytes
     base_model: str | None = None
+    fisher_cache_bytes: int = 0  # --statistics fisher: one float per parameter (on disk and as accumulators)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +135,7 @@ def stored_apart(model: nn.Module, tied: set[str], folder: Path) -> set[str]:
 def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = None,
              accumulate_dtype: torch.dtype = torch.float32, solve_dtype: torch.dtype = torch.float32,
              batch_memory: int = 1 << 30, gram_budget: int | None = None,
-             trust_remote_code: bool = False) -> RunSizes:
+             trust_remote_code: bool = False, statistics: tuple[str, ...] = ("gram",)) -> RunSizes:
     if candidates < 1:
         raise RegMeanError(f"--candidates: must be at least 1, got {candidates}")
     adapter = Path(reference).expanduser() if is_adapter(Path(reference).expanduser()) else None
@@ -159,7 +168,7 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
     output_bytes = sum(t.numel() * t.element_size() for t in (*parameters.values(), *buffers.values()))
     budget = gram_budget or sum(gram_bytes(d, accumulate_dtype) for d in dims)
 
-    settings = MergeSettings(solve_dtype=solve_dtype, batch_bytes=batch_memory)
+    settings = MergeSettings(batch_bytes=batch_memory, solve=SolveSettings(solve_dtype=solve_dtype))
     solve_groups = [GramGroup(key, members[0].in_features,
                               [(layer.name, LayerEntry(key, layer.weight, layer.in_features, layer.out_features,
                                                        layer.transposed)) for layer in members])
@@ -191,6 +200,8 @@ def estimate(reference: str | Path, *, candidates: int = 2, dtype: str | None = 
         candidates=candidates,
         adapter_bytes=(adapter / ADAPTER_WEIGHTS).stat().st_size if adapter and (adapter / ADAPTER_WEIGHTS).is_file() else 0,
         base_model=str(base_dir) if base_dir else None,
+        fisher_cache_bytes=sum(p.numel() for p in fisher_parameters(model).values()) * element
+        if "fisher" in statistics else 0,
     )
 
 
@@ -215,6 +226,8 @@ def table(sizes: RunSizes) -> str:
         ("Gram cache on disk", human(sizes.cache_bytes), human(k * sizes.cache_bytes)),
         ("stats: Gram accumulators", human(sizes.accumulator_bytes), f"{human(sizes.accumulator_bytes)} in each of {k} jobs"),
         ("stats: largest single Gram", human(sizes.largest_gram_bytes), ""),
+        *([("Fisher cache on disk (and accumulators)", human(sizes.fisher_cache_bytes),
+            human(k * sizes.fisher_cache_bytes))] if sizes.fisher_cache_bytes else []),
         ("merge: peak memory (estimate)", "", human(sizes.merge_peak_bytes)),
         ("merged model on disk", "", human(sizes.output_bytes)),
     ]

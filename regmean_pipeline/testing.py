@@ -136,6 +136,9 @@ def save_model(model: torch.nn.Module, folder: Path | str) -> Path:
     folder = Path(folder)
     model.save_pretrained(str(folder))
     if isinstance(model.config, transformers.CLIPVisionConfig):
+        from regmean_pipeline.measure.data import require_pillow
+
+        require_pillow("save_model: a CLIP image processor")
         transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
     elif model.config.architectures[0].endswith(("ForCausalLM", "ForConditionalGeneration")):
         make_chat_tokenizer(folder)
@@ -160,6 +163,10 @@ def write_text_task(path: Path | str, n: int = 64, seed: int = 0, labels: int = 
 def write_image_task(folder: Path | str, n: int = 16, seed: int = 0) -> Path:
     """A datasets.save_to_disk folder with an 'image' column of small random RGB images."""
     import datasets
+
+    from regmean_pipeline.measure.data import require_pillow
+
+    require_pillow("write_image_task")
     from PIL import Image
 
     rng = np.random.default_rng(seed)

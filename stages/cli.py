@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from regmean_pipeline.errors import RegMeanError
+from stages.method_flags import method_help, with_method_flags
 
 app = typer.Typer(
     name="regmean",
@@ -105,9 +107,6 @@ def _given(**options):
     return {name: value for name, value in options.items() if value is not None}
 
 
-PLUSPLUS = "RegMean++ (--method regmean++)"
-
-
 @app.command()
 def stats(
     model: Annotated[Optional[list[str]], typer.Option(help="Fine-tuned model: a local folder or a hub id. Loaded with its own head (config.architectures); a folder with adapter_config.json is a LoRA adapter over its base. Several candidates in one process: repeat NAME=PATH (a bare PATH names its candidate after its folder); each is written to OUT/NAME/.")] = None,
@@ -144,53 +143,32 @@ def stats(
     tokens: Annotated[Optional[str], typer.Option(help="Rows that count: all (every real token, as RegMean) or response (the assistant's tokens only) \\[default: all].")] = None,
     base_model: Annotated[Optional[str], typer.Option(help="A LoRA adapter's base model (default: base_model_name_or_path of its adapter_config.json).")] = None,
     attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel passed to the model: eager, sdpa, flash_attention_2 (GPU).")] = None,
+    statistics: Annotated[str, typer.Option(help="What to measure, comma-separated: gram (RegMean's Grams), fisher (the diagonal Fisher of every parameter, for --method fisher), or gram,fisher in one pass.")] = "gram",
+    fisher_estimator: Annotated[str, typer.Option(help="per-example: each example's own squared gradient, the expected Fisher over the model's labels (Matena & Raffel); batch: one squared gradient per batch, as FusionBench computes it.")] = "per-example",
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Run a fine-tuned model over its task data and write its per-layer Gram cache.
+    """Run a fine-tuned model over its task data and write its statistics cache (Grams, Fisher).
 
     OUT may be a local folder or an fsspec URL (s3://bucket/prefix/name). Under
     `torchrun --nproc_per_node N -m stages stats ...` the N processes split the examples and rank 0
     writes the one cache. Several candidates (repeated --model/--dataset NAME=PATH, or --candidates
     FILE) run one after another in this one process, each cache the same as its own run would write.
     """
+    flags = dict(locals())
     _setup_logging(quiet, debug)
 
     def action():
-        from regmean_pipeline.config import load_config, pick
-        from stages.stats import StatsOptions, run_stats, run_stats_candidates
-        from stages.stats_candidates import candidates_from_flags, model_name, read_candidates_file
+        from stages.stats import run_stats, run_stats_candidates
+        from stages.stats_candidates import candidates_from_flags, read_candidates_file
 
         if candidates is not None and (model or dataset):
             raise RegMeanError("--candidates: list the candidates either in the file or with --model/--dataset, "
                                "not both")
         several = read_candidates_file(candidates) if candidates is not None else \
             candidates_from_flags(model or [], dataset or [])
-        cfg = load_config(config)
-        target = out
-        if target is None:
-            if "cache_dir" not in cfg:
-                raise RegMeanError("--out: missing (or give a --config with cache_dir)")
-            target = cfg["cache_dir"].rstrip("/") + ("" if several else f"/{model_name(model[0])}")
-        options = StatsOptions(
-            model=model[0] if not several else "", dataset=dataset[0] if not several else "", out=target,
-            split=split, text_column=text_column,
-            text_pair_column=text_pair_column, image_column=image_column,
-            num_examples=pick(num_examples, cfg, "num_examples", 256), batch_size=pick(batch_size, cfg, "batch_size", 32),
-            max_length=pick(max_length, cfg, "max_length", None), num_workers=pick(num_workers, cfg, "num_workers", 0),
-            seed=pick(seed, cfg, "seed", 0), device=pick(device, cfg, "device", "auto"),
-            dtype=pick(dtype, cfg, "dtype", "float32"),
-            accumulate_dtype=pick(accumulate_dtype, cfg, "accumulate_dtype", "float32"),
-            include_padding=pick(include_padding, cfg, "include_padding", False),
-            format=pick(format, cfg, "format", "zarr"), trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle, overwrite=overwrite, progress=not quiet, shard=shard,
-            device_map=device_map, max_gram_memory=max_gram_memory,
-            checkpoint_every=checkpoint_every, resume=resume,
-            messages_column=messages_column, prompt_columns=list(prompt_column or []), response_column=response_column,
-            system_column=system_column, target_column=target_column, tokens=pick(tokens, cfg, "tokens", "all"),
-            base_model=base_model, attn_implementation=pick(attn_implementation, cfg, "attn_implementation", None),
-        )
+        options = stats_options(flags, several=bool(several))
         if several:
             run_stats_candidates(several, options)
         else:
@@ -199,57 +177,57 @@ def stats(
     _run(action, debug=debug)
 
 
+# The stats flags whose default may come from a --config (FusionBench's keys), and those defaults.
+STATS_CONFIGURABLE = {"num_examples": 256, "batch_size": 32, "max_length": None, "num_workers": 0, "seed": 0,
+                      "device": "auto", "dtype": "float32", "accumulate_dtype": "float32", "include_padding": False,
+                      "format": "zarr", "tokens": "all", "attn_implementation": None}
+
+
+def stats_options(flags: dict, *, several: bool):
+    """The stats options: flags over the --config file's values over the defaults; OUT from the config's
+    cache_dir when not given."""
+    from regmean_pipeline.config import load_config, pick
+    from regmean_pipeline.merge.methods.registry import config_keys
+    from stages.stats import StatsOptions
+    from stages.stats_candidates import model_name
+
+    cfg = load_config(flags["config"], config_keys())
+    target = flags["out"]
+    if target is None:
+        if "cache_dir" not in cfg:
+            raise RegMeanError("--out: missing (or give a --config with cache_dir)")
+        target = cfg["cache_dir"].rstrip("/") + ("" if several else f"/{model_name(flags['model'][0])}")
+    given = {name: value for name, value in flags.items() if name in {f.name for f in fields(StatsOptions)}}
+    given.update({name: pick(flags[name], cfg, name, default) for name, default in STATS_CONFIGURABLE.items()})
+    return StatsOptions(**{**given, "model": flags["model"][0] if not several else "",
+                           "dataset": flags["dataset"][0] if not several else "", "out": target,
+                           "prompt_columns": list(flags["prompt_column"] or []), "progress": not flags["quiet"]})
+
+
 @app.command()
+@with_method_flags
 def merge(
     out: Annotated[str, typer.Option(help="Folder for the merged Hugging Face model.")],
     cache_dir: Annotated[Optional[str], typer.Option(help="Folder whose subfolders are stats caches, one per candidate.")] = None,
     cache: Annotated[Optional[list[str]], typer.Option(help="A stats cache folder (repeatable); adds to --cache-dir.")] = None,
-    model: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH: weights of candidate NAME (default: the model its cache records).")] = None,
-    coefficient: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: scales the candidate's Grams and its share of averaged parameters.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH: weights of candidate NAME (default: the model its cache records); BASE+ADAPTER for a LoRA adapter over BASE.")] = None,
+    coefficient: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the candidate's weight (its Grams' and its share of averaged parameters, its task vector's, its Fisher's).")] = None,
     base: Annotated[Optional[str], typer.Option(help="Model whose excluded parameters, config and tokenizer the output takes (default: the first candidate).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="The model the candidates were fine-tuned from (the methods built on task vectors).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names left out of the merge (repeatable).")] = None,
-    reduce_non_diagonal_ratio: Annotated[Optional[float], typer.Option(help="a in G~ = a*G + (1-a)*diag(G) \\[default: 0.95].")] = None,
-    gram_weighting: Annotated[Optional[str], typer.Option(help="equal: each candidate's Gram is its mean over tokens (paper, FusionBench); tokens: candidates weigh by token count.")] = None,
-    solve_dtype: Annotated[Optional[str], typer.Option(help="float32 or float64.")] = None,
+    method: Annotated[Optional[str], typer.Option(help=method_help())] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, or auto (cuda when present).")] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(help="Largest output safetensors shard \\[default: 5GB].")] = None,
-    batch_memory: Annotated[Optional[str], typer.Option(help="Working memory of one batch of systems \\[default: 1GiB].")] = None,
+    batch_memory: Annotated[Optional[str], typer.Option(help="Working memory of one batch of systems or tensors \\[default: 1GiB].")] = None,
+    per_candidate: Annotated[Optional[bool], typer.Option("--per-candidate/--no-per-candidate", help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer \\[default: no].")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle-based weights (pytorch_model.bin); they can run code.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at OUT.")] = False,
-    method: Annotated[Optional[str], typer.Option(help="regmean; regmean++ (block by block on the merged model's own activations: --model NAME=PATH --dataset NAME=PATH, no caches); or a dataless baseline: average, task-arithmetic (these need no caches: --model NAME=PATH suffices) \\[default: regmean].")] = None,
-    scaling: Annotated[Optional[float], typer.Option(help="Task arithmetic's lambda in pretrained + lambda * sum(theta_i - pretrained) \\[default: 0.3].")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="Task arithmetic: the model the candidates were fine-tuned from.")] = None,
-    per_candidate: Annotated[Optional[bool], typer.Option("--per-candidate/--no-per-candidate", help="Also write OUT/per_candidate/NAME/: the merged model with candidate NAME's own excluded parameters (its head), config and tokenizer \\[default: no].")] = None,
-    dataset: Annotated[Optional[list[str]], typer.Option(help="regmean++: NAME=PATH, candidate NAME's examples (repeatable; one per --model). The data options below are regmean stats' own.", rich_help_panel=PLUSPLUS)] = None,
-    split: Annotated[Optional[str], typer.Option(help="Dataset split \\[default: train].", rich_help_panel=PLUSPLUS)] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Column with the text (default: text/sentence if present).", rich_help_panel=PLUSPLUS)] = None,
-    text_pair_column: Annotated[Optional[str], typer.Option(help="Second text column, for sentence-pair tasks.", rich_help_panel=PLUSPLUS)] = None,
-    image_column: Annotated[Optional[str], typer.Option(help="Column with images (vision towers).", rich_help_panel=PLUSPLUS)] = None,
-    num_examples: Annotated[Optional[int], typer.Option(help="Examples per candidate, after a seeded shuffle \\[default: 256].", rich_help_panel=PLUSPLUS)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Shuffle seed \\[default: 0].", rich_help_panel=PLUSPLUS)] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens \\[default: the model's limit].", rich_help_panel=PLUSPLUS)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size of the forward passes \\[default: 32].", rich_help_panel=PLUSPLUS)] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers \\[default: 0].", rich_help_panel=PLUSPLUS)] = None,
-    include_padding: Annotated[Optional[bool], typer.Option("--include-padding/--exclude-padding", help="Count padded positions \\[default: exclude].", rich_help_panel=PLUSPLUS)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Forward-pass dtype of the blocks and hidden states: float32, bfloat16, float16, float64 \\[default: float32].", rich_help_panel=PLUSPLUS)] = None,
-    accumulate_dtype: Annotated[Optional[str], typer.Option(help="Gram accumulation dtype: float32 or float64 \\[default: float32].", rich_help_panel=PLUSPLUS)] = None,
-    activation_memory: Annotated[Optional[str], typer.Option(help="Memory for all candidates' hidden states (on the GPU while it has room, else host memory); the rest is spilled to disk \\[default: 4GiB].", rich_help_panel=PLUSPLUS)] = None,
-    spill_dir: Annotated[Optional[str], typer.Option(help="Local folder for spilled hidden states \\[default: the system's temporary folder].", rich_help_panel=PLUSPLUS)] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint the merged blocks every N blocks (beside OUT, in .OUT.checkpoint/); 0: never.", rich_help_panel=PLUSPLUS)] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the checkpoint a killed regmean++ run left (same inputs and options).", rich_help_panel=PLUSPLUS)] = None,
-    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow the model folders' own Python code to run.", rich_help_panel=PLUSPLUS)] = None,
-    messages_column: Annotated[Optional[str], typer.Option(help="Chat data: column of {role, content} message lists, rendered with the tokenizer's chat template.", rich_help_panel=PLUSPLUS)] = None,
-    prompt_column: Annotated[Optional[list[str]], typer.Option(help="Alpaca-style chat data: column(s) joined into the user's message (repeatable).", rich_help_panel=PLUSPLUS)] = None,
-    response_column: Annotated[Optional[str], typer.Option(help="Alpaca-style chat data: the assistant's response column.", rich_help_panel=PLUSPLUS)] = None,
-    system_column: Annotated[Optional[str], typer.Option(help="Alpaca-style chat data: an optional system message column.", rich_help_panel=PLUSPLUS)] = None,
-    tokens: Annotated[Optional[str], typer.Option(help="Rows that count: all (every real token) or response (the assistant's tokens only) \\[default: all].", rich_help_panel=PLUSPLUS)] = None,
-    base_model: Annotated[Optional[str], typer.Option(help="LoRA adapter candidates' base model (default: base_model_name_or_path of each adapter_config.json).", rich_help_panel=PLUSPLUS)] = None,
-    attn_implementation: Annotated[Optional[str], typer.Option(help="Attention kernel of the blocks: eager, sdpa, flash_attention_2 (GPU).", rich_help_panel=PLUSPLUS)] = None,
     config: Config = None,
     quiet: Quiet = False,
     debug: Debug = False,
+    method_params: dict | None = None,
 ) -> None:
-    """Merge the candidates of every cache with RegMean (or a baseline) and write the merged model folder.
+    """Merge the candidates of every cache with RegMean (or another method) and write the merged model folder.
 
     OUT/README.md (and each per-candidate model's) is a model card whose YAML block, given back as
     --config, makes the same merge. In a --config, caches, models and coefficients may be given too;
@@ -258,44 +236,91 @@ def merge(
     `--method regmean++` measures and merges block by block in one run instead: each candidate is given
     as --model NAME=PATH --dataset NAME=PATH, and no caches are read.
     """
+    flags = dict(locals())
     _setup_logging(quiet, debug)
 
     def action():
-        from regmean_pipeline.config import load_config, pick
-        from stages.merge import MergeOptions, run_merge
+        from stages.merge import run_merge
 
-        cfg = load_config(config)
-        chosen = pick(method, cfg, "method", "regmean")
-        blockwise = chosen == "regmean++"
-        scale = pick(scaling, cfg, "scaling", None)
-        run_merge(MergeOptions(
-            out=out, cache_dir=cache_dir if blockwise else pick(cache_dir, cfg, "cache_dir", None),
-            caches=list(pick(cache or None, cfg, "caches", [])),
-            models={**cfg.get("models", {}), **_pairs(model, "--model")},
-            coefficients={name: float(value) for name, value in
-                          {**cfg.get("coefficients", {}), **_pairs(coefficient, "--coefficient", float)}.items()},
-            base=pick(base, cfg, "base", None), exclude=pick(exclude or None, cfg, "exclude", []),
-            reduce_non_diagonal_ratio=float(pick(reduce_non_diagonal_ratio, cfg, "reduce_non_diagonal_ratio", 0.95)),
-            gram_weighting=pick(gram_weighting, cfg, "gram_weighting", "equal"),
-            solve_dtype=pick(solve_dtype, cfg, "solve_dtype", "float32"), device=pick(device, cfg, "device", "auto"),
-            max_shard_size=pick(max_shard_size, cfg, "max_shard_size", "5GB"),
-            batch_memory=pick(batch_memory, cfg, "batch_memory", "1GiB"), allow_pickle=allow_pickle,
-            overwrite=overwrite, progress=not quiet, method=chosen,
-            scaling=None if scale is None else float(scale), pretrained=pick(pretrained, cfg, "pretrained", None),
-            per_candidate=pick(per_candidate, cfg, "per_candidate", False),
-            # regmean++'s data options: from the flags, and for regmean++ from the config too
-            **_given(datasets={**(cfg.get("datasets", {}) if blockwise else {}), **_pairs(dataset, "--dataset")} or None,
-                     **{name: pick(value, cfg, name, None) if blockwise else value for name, value in dict(
-                         split=split, text_column=text_column, text_pair_column=text_pair_column,
-                         image_column=image_column, num_examples=num_examples, seed=seed, max_length=max_length,
-                         batch_size=batch_size, num_workers=num_workers, include_padding=include_padding,
-                         dtype=dtype, accumulate_dtype=accumulate_dtype, activation_memory=activation_memory,
-                         messages_column=messages_column, prompt_columns=prompt_column, response_column=response_column,
-                         system_column=system_column, tokens=tokens, base_model=base_model,
-                         attn_implementation=attn_implementation).items()},
-                     spill_dir=spill_dir, checkpoint_every=checkpoint_every, resume=resume,
-                     trust_remote_code=trust_remote_code),
-        ))
+        run_merge(merge_options(flags, method_params or {}))
+
+    _run(action, debug=debug)
+
+
+def merge_options(flags: dict, method_params: dict):
+    """The merge's options: flags over the --config file's values (this tool's keys, or a mergekit config)
+    over the defaults."""
+    from regmean_pipeline.config import pick
+    from regmean_pipeline.merge.mergekit_config import load_merge_config
+    from regmean_pipeline.merge.methods.registry import config_keys, parameter_index
+    from stages.merge_options import MergeOptions
+
+    cfg = load_merge_config(flags["config"], config_keys())
+    general = {name: cfg.pop(name) for name in list(cfg) if name not in parameter_index() and name != "method"}
+    return MergeOptions(
+        out=flags["out"], method=pick(flags["method"], cfg, "method", "regmean"), params=method_params,
+        config_params={name: value for name, value in cfg.items() if name != "method"},
+        cache_dir=pick(flags["cache_dir"], general, "cache_dir", None),
+        caches=list(pick(flags["cache"] or None, general, "caches", [])),
+        models={**general.get("models", {}), **_pairs(flags["model"], "--model")},
+        coefficients={name: float(value) for name, value in
+                      {**general.get("coefficients", {}), **_pairs(flags["coefficient"], "--coefficient", float)}.items()},
+        base=pick(flags["base"], general, "base", None), pretrained=pick(flags["pretrained"], general, "pretrained", None),
+        exclude=pick(flags["exclude"] or None, general, "exclude", []), device=pick(flags["device"], general, "device", "auto"),
+        max_shard_size=pick(flags["max_shard_size"], general, "max_shard_size", "5GB"),
+        batch_memory=pick(flags["batch_memory"], general, "batch_memory", "1GiB"),
+        per_candidate=pick(flags["per_candidate"], general, "per_candidate", False),
+        allow_pickle=flags["allow_pickle"], overwrite=flags["overwrite"], progress=not flags["quiet"],
+    )
+
+
+@app.command()
+def sweep(
+    task: Annotated[list[str], typer.Option(help="NAME=TASK_FOLDER for every candidate (repeatable): the task's validation.jsonl scores each merge (`regmean finetune --validation-fraction` writes one); never its test split.")],
+    out: Annotated[str, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and best/ (the chosen merge); rerunning the same sweep resumes it.")],
+    grid: Annotated[Optional[Path], typer.Option(help="YAML list of entries, each a method and lists of values of its parameters (docs/sweep.md) \\[default: every method the candidates allow over its usual values].")] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Folder whose subfolders are stats caches, one per candidate.")] = None,
+    cache: Annotated[Optional[list[str]], typer.Option(help="A stats cache folder (repeatable); adds to --cache-dir.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH: weights of candidate NAME (default: the model its cache records).")] = None,
+    coefficient: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the candidate's weight in every merge.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Model whose excluded parameters, config and tokenizer the merges take.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="The model the candidates were fine-tuned from (adds the task-vector methods to the default grid).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names left out of every merge (repeatable); each task's own head for classifiers.")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH: candidate NAME's examples, for the points that read data while merging (adds regmean++ to the default grid).")] = None,
+    objective: Annotated[str, typer.Option(help="normalized: the mean over tasks of the merged score relative to the task's own candidate; mean: the plain mean score.")] = "normalized",
+    score_test: Annotated[bool, typer.Option(help="Also score every point on the tasks' test splits, for reporting (the choice reads only validation).")] = False,
+    eval_batch_size: Annotated[int, typer.Option(help="Examples per forward pass when scoring.")] = 64,
+    eval_max_length: Annotated[int, typer.Option(help="Truncate texts to this many tokens when scoring.")] = 64,
+    device: Device = "auto",
+    batch_memory: Annotated[str, typer.Option(help="Working memory of one batch of systems or tensors.")] = "1GiB",
+    overwrite: Annotated[bool, typer.Option(help="Start the sweep in OUT over (instead of resuming it).")] = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Merge at every point of a grid, score each merge on the tasks' validation splits, publish the best.
+
+    The caches are measured once; every point is a merge (the RegMean points read the caches once
+    together). OUT/best/ is the chosen merge as `regmean merge` writes it; `regmean eval` then gives its
+    test scores.
+    """
+    _setup_logging(quiet, debug)
+
+    def action():
+        from stages.merge_options import MergeOptions
+        from stages.sweep import SweepOptions, run_sweep
+
+        merge = MergeOptions(out="", cache_dir=cache_dir, caches=list(cache or []), models=_pairs(model, "--model"),
+                             coefficients=_pairs(coefficient, "--coefficient", float), base=base,
+                             pretrained=pretrained, exclude=list(exclude or []), device=device,
+                             batch_memory=batch_memory, progress=not quiet)
+        result = run_sweep(SweepOptions(out=out, tasks=_pairs(task, "--task"), merge=merge,
+                                        grid=str(grid) if grid else None, objective=objective,
+                                        batch_size=eval_batch_size, max_length=eval_max_length,
+                                        score_test=score_test, overwrite=overwrite, progress=not quiet,
+                                        datasets=_pairs(dataset, "--dataset")))
+        chosen = result["points"][result["best"]]
+        typer.echo(f"chosen: #{result['best']} {chosen['label']} (objective {chosen['objective']:.4f}) -> "
+                   f"{result['best_merge']}; table: {Path(out) / 'sweep.md'}")
 
     _run(action, debug=debug)
 
@@ -333,6 +358,7 @@ def finetune(
     max_length: MaxLength = 64,
     seed: Annotated[int, typer.Option(help="Seed of the head initialisation, batch order and dropout.")] = 0,
     freeze: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names kept at the base's values (repeatable).")] = None,
+    validation_fraction: Annotated[float, typer.Option(help="Hold this share of each task's train.jsonl out of training, chosen by a seeded hash of each row, and write it as the task's validation.jsonl (what `regmean sweep` scores on); 0: none.")] = 0.0,
     device: Device = "auto",
     overwrite: Annotated[bool, typer.Option(help="Retrain candidates that are already there.")] = False,
     quiet: Quiet = False,
@@ -347,7 +373,7 @@ def finetune(
 
         settings = FinetuneSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                                     weight_decay=weight_decay, warmup_ratio=warmup_ratio, max_length=max_length,
-                                    seed=seed, freeze=list(freeze or []))
+                                    seed=seed, freeze=list(freeze or []), validation_fraction=validation_fraction)
         records = run_finetune(FinetuneOptions(tasks=task, out=out, base=base, settings=settings, device=device,
                                                overwrite=overwrite, progress=not quiet))
         for name, record in records.items():
@@ -368,6 +394,7 @@ def plan(
     json_output: Annotated[bool, typer.Option("--json", help="Print the numbers (bytes) as JSON instead of a table.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the model folder's own Python code to run.")] = False,
     method: Annotated[str, typer.Option(help="regmean (stats + merge), or regmean++ (hidden states and blocks of one run).")] = "regmean",
+    statistics: Annotated[str, typer.Option(help="The stats' --statistics: gram, fisher or gram,fisher (the Fisher cache is one float per parameter).")] = "gram",
     num_examples: Annotated[int, typer.Option(help="regmean++: examples per candidate.")] = 256,
     max_length: Annotated[Optional[int], typer.Option(help="regmean++: tokens per example at most \\[default: the model's limit].")] = None,
     activation_memory: Annotated[str, typer.Option(help="regmean++: the merge's --activation-memory.")] = "4GiB",
@@ -410,10 +437,13 @@ def plan(
             return
         if method != "regmean":
             raise RegMeanError(f"--method: {method!r} is not one of regmean, regmean++")
+        from regmean_pipeline.cache.statistics import parse_statistics
+
         sizes = estimate(model, candidates=candidates, dtype=dtype,
                          accumulate_dtype=parse_dtype(accumulate_dtype, "--accumulate-dtype"),
                          solve_dtype=parse_dtype(solve_dtype, "--solve-dtype"), batch_memory=batch,
-                         gram_budget=budget, trust_remote_code=trust_remote_code)
+                         gram_budget=budget, trust_remote_code=trust_remote_code,
+                         statistics=tuple(parse_statistics(statistics)))
         typer.echo(json.dumps(sizes.as_dict(), indent=1) if json_output else table(sizes))
 
     _run(action, debug=debug)

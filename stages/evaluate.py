@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 import yaml
 from tqdm.auto import tqdm
 
@@ -31,7 +30,7 @@ from regmean_pipeline.measure.chat import check_messages
 from regmean_pipeline.measure.lm_loss import response_loss
 from regmean_pipeline.measure.models import load_model, load_preprocessor, resolve_device
 from regmean_pipeline.merge.model_card import record_accuracy
-from regmean_pipeline.tasks.evaluate import accuracy
+from regmean_pipeline.tasks.evaluate import accuracy, load_classifier
 from regmean_pipeline.tasks.results import format_table, metric_averages, plot_scores
 from regmean_pipeline.tasks.score_reuse import ScoreBook, score_key
 from regmean_pipeline.tasks.task_folder import ChatTask, load_task
@@ -56,18 +55,6 @@ class EvalOptions:
     progress: bool = True
     title: str = "Test accuracy per task"
     reuse_scores: bool = False  # look scores of unchanged models up instead of recomputing them
-
-
-def load_classifier(folder: Path, task, device: torch.device):
-    """A complete model folder, through AutoModelForSequenceClassification, checked against the task."""
-    try:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise RegMeanError(f"{folder}: cannot load as a sequence classifier ({str(exc).splitlines()[0]})") from None
-    if model.config.num_labels != task.num_labels:
-        raise RegMeanError(f"{folder}: has {model.config.num_labels} labels but task {task.name} has {task.num_labels}")
-    return model.to(device).eval(), tokenizer
 
 
 def is_model_folder(folder: Path) -> bool:

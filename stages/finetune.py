@@ -26,6 +26,7 @@ from regmean_pipeline.tasks.evaluate import accuracy
 from regmean_pipeline.tasks.finetune import FinetuneSettings, default_base_model, finetune, new_classifier
 from regmean_pipeline.tasks.score_reuse import score_key
 from regmean_pipeline.tasks.task_folder import load_task
+from regmean_pipeline.tasks.validation import split_off_validation
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,11 @@ def _train_one(task, base: Path, tokenizer, recipe: dict, target: Path, options:
     started = time.perf_counter()
     settings = options.settings
     model = new_classifier(base, task, settings.seed).to(device)
-    losses = finetune(model, tokenizer, task.load("train"), settings, desc=f"finetune {task.name}",
-                      progress=options.progress)
+    data, validation = task.load("train"), None
+    if settings.validation_fraction:
+        kept, validation = split_off_validation(task.folder, settings.validation_fraction, settings.seed)
+        data = data.select(kept)
+    losses = finetune(model, tokenizer, data, settings, desc=f"finetune {task.name}", progress=options.progress)
     trained = time.perf_counter()
     scores = accuracy(model, tokenizer, task.load("test"), batch_size=options.eval_batch_size,
                       max_length=settings.max_length, desc=f"test {task.name}", progress=options.progress)
@@ -94,6 +98,7 @@ def _train_one(task, base: Path, tokenizer, recipe: dict, target: Path, options:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "task": task.name, "task_folder": str(task.folder.resolve()), "labels": list(task.label_names),
         "base": str(base), "recipe": recipe, "test": scores,
+        **({"validation": validation} if validation else {}),
         "train_loss": {"first_10_steps": sum(losses[:10]) / len(losses[:10]),
                        "last_20_steps": sum(losses[-20:]) / len(losses[-20:])},
         "seconds": {"train": trained - started, "test": time.perf_counter() - trained},

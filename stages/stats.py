@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from regmean_pipeline import __version__
 from regmean_pipeline.cache.manifest import MANIFEST_NAME, STORAGE_FORMATS, Manifest, manifest_from_stats, read_manifest
 from regmean_pipeline.cache.shards import ShardSpec
+from regmean_pipeline.cache.statistics import parse_statistics
 from regmean_pipeline.cache.store import write_cache
 from regmean_pipeline.distributed import Ranks, launched_ranks, process_group, rank_device, share
 from regmean_pipeline.errors import RegMeanError
@@ -26,6 +27,8 @@ from regmean_pipeline.io.storage import Folder
 from regmean_pipeline.io.weights import adapter_base_dir, fingerprint, open_weights, resolve_model_dir
 from regmean_pipeline.measure.checkpoint import StatsCheckpoints
 from regmean_pipeline.measure.data import DatasetSpec, examples_digest, load_examples, make_loader
+from regmean_pipeline.measure.fisher import ESTIMATORS as FISHER_ESTIMATORS
+from regmean_pipeline.measure.fisher import FisherAccumulator
 from regmean_pipeline.measure.gram import collect_grams
 from regmean_pipeline.measure.linear import find_linear_layers
 from regmean_pipeline.measure.models import (
@@ -40,7 +43,7 @@ from regmean_pipeline.measure.models import (
     tied_parameter_names,
 )
 from regmean_pipeline.measure.passes import collect_grams_in_passes
-from regmean_pipeline.measure.ranks import sum_gram_stats
+from regmean_pipeline.measure.ranks import sum_fisher_stats, sum_gram_stats
 from stages.stats_candidates import StatsCandidate
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,8 @@ class StatsOptions:
     tokens: str = "all"  # "response": only the assistant's tokens count
     base_model: str | None = None  # a LoRA adapter's base, instead of the one its config names
     attn_implementation: str | None = None  # passed to from_pretrained (sdpa, flash_attention_2, eager)
+    statistics: str = "gram"  # what to measure: gram, fisher, or both ("gram,fisher")
+    fisher_estimator: str = "per-example"  # measure/fisher.py: per-example (Matena & Raffel) or batch (FusionBench)
 
 
 def run_stats(options: StatsOptions) -> Manifest:
@@ -142,8 +147,21 @@ def _target(options: StatsOptions) -> Folder:
     return out.child(ShardSpec.parse(options.shard).folder_name) if options.shard else out
 
 
-def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
-    started = time.perf_counter()
+@dataclass
+class _Run:
+    """A stats run's settings, checked before anything is loaded."""
+
+    out: Folder
+    shard: ShardSpec | None
+    budget: int | None
+    checkpointed: bool
+    statistics: list[str]
+    forward_dtype: torch.dtype
+    accumulate_dtype: torch.dtype
+    device: torch.device
+
+
+def _checked_run(options: StatsOptions, ranks: Ranks) -> _Run:
     shard = ShardSpec.parse(options.shard) if options.shard else None
     out = _target(options)
     budget = _gram_budget(options.max_gram_memory)
@@ -153,96 +171,133 @@ def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
                            "torchrun, with --max-gram-memory, or to an object store); use --shard jobs instead")
     if options.format not in STORAGE_FORMATS:
         raise RegMeanError(f"--format: {options.format!r} is not one of {', '.join(STORAGE_FORMATS)}")
-    accumulate_dtype = parse_dtype(options.accumulate_dtype, "--accumulate-dtype")
     if options.accumulate_dtype not in ("float32", "float64"):
         raise RegMeanError("--accumulate-dtype: must be float32 or float64")
-    forward_dtype = parse_dtype(options.dtype)
+    if options.fisher_estimator not in FISHER_ESTIMATORS:
+        raise RegMeanError(f"--fisher-estimator: {options.fisher_estimator!r} is not one of "
+                           f"{', '.join(FISHER_ESTIMATORS)}")
     if options.device_map and ranks.active:
         raise RegMeanError("--device-map: spreads one process's model over the devices; under torchrun each rank "
                            "already takes its own GPU, so leave --device-map out there")
-    device = resolve_device(rank_device(ranks, options.device))
-    check_stats_target(out, options)
+    return _Run(out, shard, budget, checkpointed, parse_statistics(options.statistics),
+                parse_dtype(options.dtype), parse_dtype(options.accumulate_dtype, "--accumulate-dtype"),
+                resolve_device(rank_device(ranks, options.device)))
 
+
+def _run_stats(options: StatsOptions, ranks: Ranks) -> Manifest:
+    started = time.perf_counter()
+    run = _checked_run(options, ranks)
+    check_stats_target(run.out, options)
     folder = resolve_model_dir(options.model)
     weights_fingerprint = fingerprint(open_weights(folder, allow_pickle=options.allow_pickle,
                                                    base_model=options.base_model)) if ranks.is_main else ""
-    base_dir = adapter_base_dir(folder, options.base_model) if is_adapter(folder) else None
-    images = options.image_column is not None
     spec = DatasetSpec.from_options(options.dataset, options)
-    examples = select_share(load_examples(spec, images=images), shard, ranks)
+    examples = select_share(load_examples(spec, images=options.image_column is not None), run.shard, ranks)
     identity = {"fingerprint": weights_fingerprint, "dataset": spec.as_dict(),
-                "examples": examples_digest(examples, spec) if checkpointed else "", "batch_size": options.batch_size,
-                "include_padding": options.include_padding, "dtype": options.dtype,
-                "accumulate_dtype": options.accumulate_dtype, "shard": options.shard}
-    if options.resume and out.exists():
-        return _already_complete(out.local_path, identity)
-    model = load_model(folder, dtype=forward_dtype, device=device, trust_remote_code=options.trust_remote_code,
+                "examples": examples_digest(examples, spec) if run.checkpointed else "",
+                "batch_size": options.batch_size, "include_padding": options.include_padding, "dtype": options.dtype,
+                "accumulate_dtype": options.accumulate_dtype, "shard": options.shard,
+                **({} if run.statistics == ["gram"] else {"statistics": run.statistics,
+                                                          "fisher_estimator": options.fisher_estimator})}
+    if options.resume and run.out.exists():
+        return _already_complete(run.out.local_path, identity)
+    model, preprocessor = _loaded_model(options, folder, run)
+    manifest_of = _manifest_maker(options, folder, model, spec, weights_fingerprint)
+    checkpoints = StatsCheckpoints(run.out.local_path, identity, every=options.checkpoint_every,
+                                   manifest_of=manifest_of) if run.checkpointed else None
+    grams, fisher = _measure(options, run, model, preprocessor, spec, examples, checkpoints, ranks)
+    manifest = manifest_of(grams, fisher)
+    manifest.shard = run.shard.as_dict() if run.shard is not None else None
+    if not ranks.is_main:
+        return manifest
+    with published_folder(run.out, overwrite=options.overwrite, ready_marker=MANIFEST_NAME) as stage:
+        write_cache(stage, manifest, grams.sums if grams is not None else {},
+                    fisher.sums if fisher is not None else None)
+    if checkpoints is not None:
+        checkpoints.clear()
+    tokens = sum(entry.tokens for entry in manifest.grams.values())
+    log.info("stats: %d examples%s, %s: %d linear layers -> %d Grams (%s rows), %d Fisher arrays, %.1fs -> %s",
+             manifest.examples, f" over {ranks.world} processes" if ranks.active else "", ", ".join(run.statistics),
+             len(manifest.layers), len(manifest.grams), f"{tokens:,}", len(manifest.fisher),
+             time.perf_counter() - started, run.out)
+    return manifest
+
+
+def _loaded_model(options: StatsOptions, folder: Path, run: _Run):
+    """The candidate with its own head, checked for finite weights, and its tokenizer or image processor."""
+    model = load_model(folder, dtype=run.forward_dtype, device=run.device, trust_remote_code=options.trust_remote_code,
                        allow_pickle=options.allow_pickle, device_map=options.device_map,
                        base_model=options.base_model, attn_implementation=options.attn_implementation)
     check_finite_parameters(model, str(folder))
     if options.device_map:
-        device = input_device(model)
+        run.device = input_device(model)
+    images = options.image_column is not None
     preprocessor = load_preprocessor(folder, images=images, trust_remote_code=options.trust_remote_code,
                                      base_model=options.base_model)
     if not images and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = preprocessor.pad_token_id  # sequence-classification heads need it to pool
-    reference = options.model if not Path(options.model).expanduser().exists() else str(folder)
+    return model, preprocessor
 
-    def manifest_of(stats) -> Manifest:
+
+def _manifest_maker(options: StatsOptions, folder: Path, model, spec: DatasetSpec, weights_fingerprint: str):
+    """The manifest of what was measured, for the cache and for each checkpoint."""
+    base_dir = adapter_base_dir(folder, options.base_model) if is_adapter(folder) else None
+    reference = options.model if not Path(options.model).expanduser().exists() else str(folder)
+    described = {"reference": reference, "architecture": architecture_of(model.config),
+                 "model_type": getattr(model.config, "model_type", ""), "fingerprint": weights_fingerprint,
+                 "config": config_summary(model.config), **({"base_model": str(base_dir)} if base_dir else {})}
+    measured = set(parse_statistics(options.statistics))
+
+    def manifest_of(grams, fisher) -> Manifest:
         return manifest_from_stats(
-            stats,
-            model={"reference": reference, "architecture": architecture_of(model.config),
-                   "model_type": getattr(model.config, "model_type", ""), "fingerprint": weights_fingerprint,
-                   "config": config_summary(model.config),
-                   **({"base_model": str(base_dir)} if base_dir is not None else {})},
-            dataset=spec.as_dict(),
+            grams if "gram" in measured else None, model=described, dataset=spec.as_dict(),
             storage=options.format, forward_dtype=options.dtype, accumulate_dtype=options.accumulate_dtype,
             include_padding=options.include_padding, tool=f"regmean-pipeline {__version__}",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )
+            fisher=fisher if "fisher" in measured else None)
 
-    checkpoints = StatsCheckpoints(out.local_path, identity, every=options.checkpoint_every,
-                                   manifest_of=manifest_of) if checkpointed else None
+    return manifest_of
+
+
+def _measure(options: StatsOptions, run: _Run, model, preprocessor, spec: DatasetSpec, examples,
+             checkpoints: StatsCheckpoints | None, ranks: Ranks):
+    """The statistics asked for, over this job's share of the examples, summed over the ranks: one pass
+    (resumable from a checkpoint), or several under --max-gram-memory."""
     resumed = checkpoints.load({layer.name: layer for layer in find_linear_layers(model)}) if options.resume else None
     if checkpoints is not None and not options.resume:
         checkpoints.clear()  # --overwrite: an old checkpoint must not be mixed into this run
     if options.resume and resumed is None:
-        log.info("--resume: no checkpoint for %s; starting from the first batch", out)
+        log.info("--resume: no checkpoint for %s; starting from the first batch", run.out)
+    fisher = FisherAccumulator(model, estimator=options.fisher_estimator, accumulate_dtype=run.accumulate_dtype) \
+        if "fisher" in run.statistics else None
+    if fisher is not None and resumed is not None and resumed.fisher is not None:
+        fisher.restore(resumed.fisher, run.device)
     batches = make_loader(examples, preprocessor, spec, accepted=forward_inputs(model), config=model.config,
                           batch_size=options.batch_size, num_workers=options.num_workers,
                           skip_batches=resumed.batches if resumed else 0, counts=resumed.counts if resumed else None)
-
+    grams_wanted = "gram" in run.statistics
     with tqdm(total=len(examples), initial=min(len(examples), batches.consumed * options.batch_size),
-              desc=f"stats {out.name}", unit="ex", disable=not options.progress or not ranks.is_main) as bar:
-        if budget is None:
-            save = None if checkpoints is None else \
-                lambda acc: checkpoints.maybe_save(batches.consumed, acc.snapshot, batches.counts)
-            stats = collect_grams(model, batches, device=device, include_padding=options.include_padding,
-                                  accumulate_dtype=accumulate_dtype, progress=bar,
-                                  start=resumed.stats if resumed else None, after_batch=save)
+              desc=f"stats {run.out.name}", unit="ex", disable=not options.progress or not ranks.is_main) as bar:
+        if run.budget is None or not grams_wanted:
+            save = None if checkpoints is None else lambda acc: checkpoints.maybe_save(
+                batches.consumed, lambda: (acc.snapshot(), fisher.snapshot() if fisher else None), batches.counts)
+            grams = collect_grams(model, batches, device=run.device, include_padding=options.include_padding,
+                                  accumulate_dtype=run.accumulate_dtype, progress=bar,
+                                  start=resumed.stats if resumed else None, after_batch=save, fisher=fisher,
+                                  grams=grams_wanted)
         else:
-            stats = collect_grams_in_passes(model, batches, device=device, budget=budget,
+            grams = collect_grams_in_passes(model, batches, device=run.device, budget=run.budget,
                                             include_padding=options.include_padding,
-                                            accumulate_dtype=accumulate_dtype, progress=bar)
+                                            accumulate_dtype=run.accumulate_dtype, progress=bar, fisher=fisher)
     batches.log_counts(f"dataset {spec.path}")
-    if stats.examples == 0:
+    if grams.examples == 0:
         raise RegMeanError(f"dataset {spec.path}: no usable examples (all {len(examples)} were skipped)")
-    stats = stats.without_weights(tied_parameter_names(model))
+    grams = grams.without_weights(tied_parameter_names(model)) if grams_wanted else None
+    fisher = fisher.result() if fisher is not None else None
     if ranks.active:
-        stats = sum_gram_stats(stats)
-    manifest = manifest_of(stats)
-    manifest.shard = shard.as_dict() if shard is not None else None
-    if not ranks.is_main:
-        return manifest
-    with published_folder(out, overwrite=options.overwrite, ready_marker=MANIFEST_NAME) as stage:
-        write_cache(stage, manifest, stats.sums)
-    if checkpoints is not None:
-        checkpoints.clear()
-    tokens = sum(entry.tokens for entry in manifest.grams.values())
-    log.info("stats: %d examples%s, %d linear layers -> %d Grams (%s rows), %.1fs -> %s", manifest.examples,
-             f" over {ranks.world} processes" if ranks.active else "", len(manifest.layers), len(manifest.grams),
-             f"{tokens:,}", time.perf_counter() - started, out)
-    return manifest
+        grams = sum_gram_stats(grams) if grams is not None else None
+        fisher = sum_fisher_stats(fisher) if fisher is not None else None
+    return grams, fisher
 
 
 def select_share(examples, shard: ShardSpec | None, ranks: Ranks):

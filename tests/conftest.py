@@ -80,9 +80,9 @@ def bert_caches(workspace, tmp_path_factory) -> dict[str, Path]:
 
 def read_every_gram(folder: Path) -> None:
     """Read a cache as merge does: every Gram, with all its checks."""
-    from regmean_pipeline.cache.store import GramCache
+    from regmean_pipeline.cache.store import StatsCache
 
-    cache = GramCache(folder)
+    cache = StatsCache(folder)
     for key in cache.manifest.grams:
         cache.read_packed(key)
 

@@ -1,4 +1,5 @@
-"""The CUDA paths of the at-scale features, checked by hand on a GPU machine: ``python tests/gpu_check.py OUTDIR``.
+"""The CUDA paths of the at-scale features, checked by hand on a GPU machine: ``python tests/gpu_check.py OUTDIR
+[--small]`` (`python -m bench.gpu_session` runs it with the other GPU checks).
 
 Needs torch, transformers, accelerate and safetensors only (no datasets, no zarr): batches are tokenized
 here and caches are safetensors. Checks, each against the same computation on the CPU:
@@ -7,6 +8,8 @@ here and caches are safetensors. Checks, each against the same computation on th
   2. the merge solved on the GPU;
   3. with two GPUs or more: data-parallel stats reduced over nccl, and the layer-parallel merge under
      torchrun, against one process.
+Without a CUDA device every computation still runs, on the CPU, and the report says which checks were
+skipped. ``--small``: fewer examples (the CPU smoke run of the tests).
 Writes OUTDIR/gpu_check.json and exits non-zero when a check fails.
 """
 
@@ -34,9 +37,12 @@ from regmean_pipeline.measure.ranks import sum_gram_stats  # noqa: E402
 from regmean_pipeline.testing import WORDS, make_model, save_model  # noqa: E402
 
 GPU = "cuda:0" if torch.cuda.is_available() else "cpu"
+NO_CUDA = "skipped: no CUDA device (computed on the CPU only)"
+EXAMPLES = 48
 
 
-def batches_for(folder: Path, n: int = 48, size: int = 8) -> list[dict[str, torch.Tensor]]:
+def batches_for(folder: Path, n: int | None = None, size: int = 8) -> list[dict[str, torch.Tensor]]:
+    n = n or EXAMPLES
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 20))) for _ in range(n)]
     tokenizer = load_preprocessor(folder, images=False)
@@ -113,6 +119,7 @@ def nccl_stats_worker(folder: Path, out: Path) -> None:
 
 def main(out: Path) -> int:
     started = time.time()
+    print(f"device: {torch.cuda.get_device_name(0) if GPU != 'cpu' else 'cpu: ' + NO_CUDA}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     folders = [save_model(make_model("llama", seed=seed), out / "models" / f"c{seed}") for seed in (1, 2)]
     report: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -120,6 +127,8 @@ def main(out: Path) -> int:
     report["stats"] = stats_checks(folders, out)
     cpu, gpu = merge_with(out, "merged_cpu", "cpu"), merge_with(out, "merged_gpu", GPU)
     report["merge_gpu_vs_cpu"] = max(relative(gpu[k], cpu[k]) for k in cpu)
+    if GPU == "cpu":
+        report["cuda"] = {"split_map_across_gpu_and_cpu": NO_CUDA, "merge_solved_on_gpu": NO_CUDA}
     ok = all(v["split_map_vs_cpu"] < 1e-4 and v["auto_map_vs_cpu"] < 1e-4 for v in report["stats"].values())
     ok &= report["merge_gpu_vs_cpu"] < 1e-4 and set(gpu) == set(cpu)
     ok &= all(len(v["accumulator_devices"]) == 2 for v in report["stats"].values()) or GPU == "cpu"
@@ -132,7 +141,7 @@ def main(out: Path) -> int:
         report["layer_parallel_nccl_vs_one_gpu"] = max(relative(two[k], gpu[k]) for k in gpu)
         ok &= report["nccl_reduced_vs_cpu"] < 1e-4 and report["layer_parallel_nccl_vs_one_gpu"] < 1e-6
     else:
-        report["nccl"] = "skipped: needs two GPUs (nccl allows one rank per GPU)"
+        report["nccl"] = f"skipped: needs two GPUs, found {torch.cuda.device_count()} (nccl allows one rank per GPU)"
     report["ok"], report["seconds"] = bool(ok), round(time.time() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
@@ -144,4 +153,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--nccl-stats":
         nccl_stats_worker(Path(sys.argv[2]), Path(sys.argv[3]))
         sys.exit(0)
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check_out")))
+    arguments = [a for a in sys.argv[1:] if a != "--small"]
+    if "--small" in sys.argv[1:]:
+        EXAMPLES = 16
+    sys.exit(main(Path(arguments[0] if arguments else "gpu_check_out")))

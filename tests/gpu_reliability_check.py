@@ -1,5 +1,10 @@
 """The CUDA paths of the reliability features, checked by hand on a GPU machine:
-``python tests/gpu_reliability_check.py OUTDIR`` (from the repository root, with the test extra installed).
+``python tests/gpu_reliability_check.py OUTDIR [--small]`` (from the repository root; `python -m bench.gpu_session`
+runs it with the other GPU checks).
+
+Needs datasets (`regmean stats` reads its task data with it) and pytest (the test helpers it reuses); caches are
+safetensors, so zarr is not needed. Without datasets it writes a one-line skip and exits 0. ``--small``: fewer
+examples and earlier kills (the CPU smoke run of the tests).
 
   1. stats on the GPU with a checkpoint every batch, SIGKILLed mid-run three times and resumed with
      --resume: the cache equals an uninterrupted GPU run's to 1e-6 (accumulators go GPU -> checkpoint
@@ -27,17 +32,21 @@ from tests.test_kill import assert_same_cache, checkpoint_batches  # noqa: E402
 from tests.test_numeric_faults import dead_feature_model, objective_gaps  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMAT = ("--format", "safetensors")  # the GPU machine has no zarr
+EXAMPLES, KILLS = 512, (10, 40, 90)  # batches of 4: 128 batches, killed after 10, 40 and 90 of them
+SMALL_EXAMPLES, SMALL_KILLS = 48, (6,)  # one kill, after 6 of 12 batches
 
 
 def resume_check(root: Path) -> dict:
     model = save_model(make_model("llama", seed=1), root / "llama")
-    data = write_text_task(root / "data.jsonl", n=512, seed=1)
-    args = ["stats", "--model", model, "--dataset", data, "--num-examples", 512, "--batch-size", 4, "--device", DEVICE]
+    data = write_text_task(root / "data.jsonl", n=EXAMPLES, seed=1)
+    args = ["stats", "--model", model, "--dataset", data, "--num-examples", EXAMPLES, "--batch-size", 4,
+            "--device", DEVICE, *FORMAT]
     code, output = processes.run(*args, "--out", root / "whole", log=root / "whole.log")
     assert code == 0, output
     out = root / "resumed"
     kills = 0
-    for target in (10, 40, 90):
+    for target in KILLS:
         run = processes.start(*args, "--out", out, "--checkpoint-every", 1, "--resume", log=root / f"kill{target}.log")
         processes.wait_for(lambda: checkpoint_batches(out) >= target, run=run)
         if run.alive():
@@ -57,7 +66,7 @@ def overflow_check(root: Path) -> dict:
     folder = save_model(model, root / "overflow")
     code, output = processes.run("stats", "--model", folder, "--dataset", write_text_task(root / "d.jsonl", n=16),
                                  "--out", root / "overflow-cache", "--dtype", "float16", "--device", DEVICE,
-                                 log=root / "overflow.log")
+                                 *FORMAT, log=root / "overflow.log")
     assert code == 2 and "layer bert.encoder.layer.0.output.dense" in output, output
     return {"error": [line for line in output.splitlines() if line.startswith("error:")][0]}
 
@@ -69,7 +78,7 @@ def singular_check(root: Path) -> dict:
     for i, model in enumerate(models):
         code, output = processes.run("stats", "--model", model, "--dataset", data, "--out", root / "caches" / f"c{i}",
                                      "--device", DEVICE, "--dtype", "float64", "--accumulate-dtype", "float64",
-                                     log=root / f"singular{i}.log")
+                                     *FORMAT, log=root / f"singular{i}.log")
         assert code == 0, output
     code, output = processes.run("merge", "--cache-dir", root / "caches", "--out", root / "merged", "--device", DEVICE,
                                  "--reduce-non-diagonal-ratio", 1.0, log=root / "merge.log")
@@ -80,9 +89,20 @@ def singular_check(root: Path) -> dict:
 
 
 def main() -> int:
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-reliability-check")
+    global EXAMPLES, KILLS
+    args = [a for a in sys.argv[1:] if a != "--small"]
+    root = Path(args[0] if args else "gpu-reliability-check")
     root.mkdir(parents=True, exist_ok=True)
     results: dict = {"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"}
+    if "--small" in sys.argv[1:]:
+        EXAMPLES, KILLS = SMALL_EXAMPLES, SMALL_KILLS
+    try:
+        import datasets  # noqa: F401
+    except Exception as exc:  # `regmean stats` cannot read a data file without it
+        results["skipped"] = f"needs datasets, which `regmean stats` reads task data with ({type(exc).__name__}: {exc})"
+        (root / "gpu_reliability_check.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"skipped: {results['skipped']}")
+        return 0
     failed = False
     for name, check in (("resume", resume_check), ("fp16_overflow", overflow_check), ("singular", singular_check)):
         folder = root / name

@@ -42,7 +42,7 @@ def test_api_from_config_with_batches(workspace):
     models = [load(workspace.model("gpt2", seed)) for seed in (1, 2)]
     batches = [[tokenizer(["the movie was great", "bad plot"], padding=True, return_tensors="pt")] for _ in models]
     algorithm = RegMean.from_config(Path(__file__).resolve().parents[1] / "configs" / "gpt2_regmean.yaml", device="cpu")
-    assert algorithm.settings.reduce_non_diagonal_ratio == 0.6
+    assert algorithm.solve.reduce_non_diagonal_ratio == 0.6
     merged = algorithm.run(models, [[dict(b) for b in bs] for bs in batches])
     assert isinstance(merged, transformers.GPT2ForSequenceClassification)
     assert merged is not models[0]
@@ -77,4 +77,4 @@ def test_regmean_plusplus_api_matches_the_cli(workspace, cli, tmp_path):
         assert all(torch.equal(v, before[name][k]) for k, v in model.state_dict().items()), name
     assert [unit["unit"] for unit in algorithm.report["units"]] == ["prefix", "block 0", "block 1", "tail"]
     clip = RegMean.from_config(Path(__file__).resolve().parents[1] / "configs" / "clip_regmean_plusplus.yaml")
-    assert clip.method == "regmean++" and clip.settings.reduce_non_diagonal_ratio == 0.95
+    assert clip.method == "regmean++" and clip.solve.reduce_non_diagonal_ratio == 0.95

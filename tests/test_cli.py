@@ -14,7 +14,7 @@ import torch
 import transformers
 import yaml
 
-from regmean_pipeline.cache.store import gram_checksum
+from regmean_pipeline.cache.store import array_checksum
 from tests.conftest import read_json
 
 REGMEAN = str(Path(sys.executable).with_name("regmean"))
@@ -59,6 +59,7 @@ def test_version_is_the_package_version_and_no_arguments_still_show_help():
 
 
     from regmean_pipeline.config import load_config
+    from regmean_pipeline.merge.methods.registry import config_keys
 
     clip, gpt2, bert = (yaml.safe_load((CONFIGS / f"{n}_regmean.yaml").read_text()) for n in ("clip", "gpt2", "bert"))
     assert clip["reduce_non_diagonal_ratio"] == 0.95 and clip["dataloader_kwargs"]["batch_size"] == 32
@@ -67,7 +68,7 @@ def test_version_is_the_package_version_and_no_arguments_still_show_help():
     assert bert["exclude_param_names_regex"] == [r"classifier\..*"]
     for config in (clip, gpt2, bert):
         assert config["num_regmean_examples"] == 256
-    assert load_config(CONFIGS / "clip_regmean.yaml")["batch_size"] == 32
+    assert load_config(CONFIGS / "clip_regmean.yaml", config_keys())["batch_size"] == 32
 
 
 def test_config_values_apply_and_flags_override(workspace, cli, tmp_path):
@@ -134,7 +135,7 @@ def _nan_gram(caches):
     values = array[...]
     values[3] = np.nan
     array[...] = values
-    manifest["grams"][key]["checksum"] = gram_checksum(key, manifest["grams"][key]["tokens"], values)
+    manifest["grams"][key]["checksum"] = array_checksum(key, manifest["grams"][key]["tokens"], values)
     (caches / "a" / "manifest.json").write_text(json.dumps(manifest))  # a consistent, but poisoned, cache
     return "NaN or Inf"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from regmean_pipeline.cache.store import gram_checksum
+from regmean_pipeline.cache.store import array_checksum
 from regmean_pipeline.errors import RegMeanError
 from tests import faults
 from tests.conftest import read_every_gram as read_all
@@ -89,7 +89,7 @@ def zarr_inf_with_valid_checksum(cache):
     values = array[...]
     values[0] = np.inf
     array[...] = values
-    edit_manifest(cache, lambda m: m["grams"][key].update(checksum=gram_checksum(key, m["grams"][key]["tokens"], values)))
+    edit_manifest(cache, lambda m: m["grams"][key].update(checksum=array_checksum(key, m["grams"][key]["tokens"], values)))
     return "grams.zarr", key, "NaN or Inf"
 
 

@@ -158,4 +158,4 @@ def test_the_command_reference_is_what_typer_generates_from_the_app(tmp_path):
     text = fresh.read_text()
     assert "## `regmean stats`" in text and "`--version`" in text
     # Defaults written into help texts survive typer's rich markup (an unescaped [default: 256] vanishes).
-    assert "after a seeded shuffle [default: 256]." in text and "(1-a)*diag(G) [default: 0.95]." in text
+    assert "after a seeded shuffle [default: 256]." in text and "(--method regmean, regmean++) [default: 0.95]" in text

@@ -81,23 +81,31 @@ def test_finetune_freeze_keeps_parameters_at_the_base(tiny_setup, cli, tmp_path)
 
 
 def test_make_demo_steps_end_to_end_on_tiny_models(tiny_setup, cli, tmp_path):
-    """The Makefile's own demo steps (finetune, stats, merge, RegMean++, baselines, eval) on a tiny base and two
-    tasks."""
+    """The Makefile's own demo steps (tasks, finetune with a validation split, stats with the Fisher, merge,
+    RegMean++, the other methods, a sweep, eval) on a tiny base and two tasks."""
     if shutil.which("make") is None:
         pytest.fail("make is not installed; the demo is driven by the Makefile")
     base, tasks = tiny_setup
     demo = tmp_path / "demo"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("- method: regmean\n  reduce_non_diagonal_ratio: [0.5, 0.95]\n- method: ties\n")
     command = ["make", "--no-print-directory", "-C", str(ROOT), "demo-steps", f"VENV={sys.prefix}",
                f"DEMO_DIR={demo}", f"DEMO_DATA={tasks}", "DEMO_TASKS=alpha beta", f"DEMO_BASE={base}",
-               "DEMO_SCALINGS=0.5", "FINETUNE_ARGS=--steps 12 --batch-size 8 --device cpu --quiet",
-               "MERGE_ARGS=--device cpu"]
+               "DEMO_SCALINGS=0.5", "FINETUNE_ARGS=--steps 12 --batch-size 8 --device cpu --quiet --validation-fraction 0.2",
+               "MERGE_ARGS=--device cpu", f"SWEEP_ARGS=--grid {grid} --device cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "REGMEAN_DEBUG": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for step in range(1, 7):
-        assert f"== {step}/6" in result.stdout
+    for step in range(1, 9):
+        assert f"== {step}/8" in result.stdout
     results = read_json(demo / "eval" / "results.json")
-    assert list(results["methods"]) == ["individual", "average", "task-arithmetic-0.5", "regmean", "regmean++"]
+    assert list(results["methods"]) == ["individual", "average", "task-arithmetic-0.5", "ties", "dare", "fisher",
+                                        "regmean", "regmean++", "sweep"]
+    assert not (tasks / "alpha" / "validation.jsonl").exists()  # the demo's own copies got the validation splits
+    assert (demo / "tasks" / "alpha" / "validation.jsonl").exists()
+    sweep = read_json(demo / "sweep" / "sweep.json")
+    assert len(sweep["points"]) == 3 and "chosen on validation" in result.stdout
+    assert "best grid point on the test sets" in result.stdout
     assert [t["name"] for t in results["tasks"]] == ["alpha", "beta"]
     scored = ("accuracy", "correct", "total")
     for task in ("alpha", "beta"):  # the candidates' own scores are taken from their fine-tuning records

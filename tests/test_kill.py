@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.measure.checkpoint import checkpoint_folder
 from stages.merge import discover_caches
@@ -55,11 +55,11 @@ def assert_no_cache_merge_accepts(out: Path) -> None:
         discover_caches(str(out.parent), [])
     for generation in checkpoint_folder(out).glob("batches-*"):
         with pytest.raises(RegMeanError, match="checkpoint of an unfinished"):
-            GramCache(generation)
+            StatsCache(generation)
 
 
 def assert_same_cache(actual: Path, expected: Path, tolerance: float = 1e-6) -> float:
-    ours, theirs = GramCache(actual), GramCache(expected)
+    ours, theirs = StatsCache(actual), StatsCache(expected)
     assert ours.manifest.examples == theirs.manifest.examples
     assert ours.manifest.layers == theirs.manifest.layers
     assert {k: e.tokens for k, e in ours.manifest.grams.items()} == {k: e.tokens for k, e in theirs.manifest.grams.items()}
@@ -216,7 +216,7 @@ def test_two_stats_runs_on_one_output(workspace, tmp_path):
             os.kill(first.pid, signal.SIGCONT)
         assert code == 2 and "another regmean run is writing it right now" in output, output
         assert first.wait() == 0, first.output()
-        cache = GramCache(out)
+        cache = StatsCache(out)
         for key in cache.manifest.grams:
             cache.read_packed(key)  # checksums hold
         assert cache.manifest.examples == 2 * BATCHES
@@ -285,7 +285,7 @@ def test_console_script_kill_and_resume(workspace, tmp_path):
         assert_no_cache_merge_accepts(out)
         code, output = processes.run(*args, "--resume", log=tmp_path / "resumed")
         assert code == 0, output
-        assert GramCache(out).manifest.examples == 100
+        assert StatsCache(out).manifest.examples == 100
 
 
 def test_an_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path):

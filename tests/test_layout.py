@@ -21,7 +21,7 @@ RANKS = {
     "cache": 2,
     "measure": 3, "tasks": 3,
     "merge": 4,
-    "plusplus": 5,
+    "plusplus": 5, "sweep": 5,
     "api": 6, "sizing": 6, "testing": 6,
 }
 
@@ -82,7 +82,31 @@ def test_no_module_imports_upward_or_sideways(module):
             f"{module} (part {own}, rank {RANKS[own]}) imports {imported} (part {theirs}, rank {RANKS[theirs]})")
 
 
+# stage module -> rank: a stage may import only stages of lower rank (no cycles; the CLI on top).
+STAGE_RANKS = {
+    "__init__": 0, "merge_options": 0, "stats_candidates": 0, "combine": 0, "finetune": 0, "evaluate": 0,
+    "publish": 1, "method_flags": 1, "stats": 1,
+    "plusplus": 2,
+    "merge": 3,
+    "sweep": 4,
+    "cli": 5,
+    "__main__": 6,
+}
+
+
 def test_stages_only_compose_the_library():
     for path in sorted((ROOT / "stages").glob("*.py")):
         for imported in imported_modules(path, f"stages.{path.stem}"):
             assert imported.split(".")[0] not in ("tests", "bench"), f"{path}: imports {imported}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "stages").glob("*.py")), ids=lambda path: path.stem)
+def test_no_stage_imports_upward_or_sideways(path):
+    own = path.stem
+    assert own in STAGE_RANKS, f"stage module {own} has no rank in tests/test_layout.py"
+    for imported in imported_modules(path, f"stages.{own}"):
+        if imported.split(".")[0] != "stages" or imported == "stages":
+            continue
+        theirs = imported.split(".")[1]
+        assert STAGE_RANKS[theirs] < STAGE_RANKS[own], (
+            f"stages.{own} (rank {STAGE_RANKS[own]}) imports {imported} (rank {STAGE_RANKS[theirs]})")

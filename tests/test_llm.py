@@ -15,7 +15,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from regmean_pipeline.io.weights import open_weights
 from regmean_pipeline.measure.data import DatasetSpec, SequenceCollator, load_examples
 from regmean_pipeline.measure.gram import ROW_MASK_KEY
@@ -66,7 +66,7 @@ def stats(cli, model, dataset, out, *args):
     code, _, err = cli("stats", "--model", model, "--dataset", dataset, "--out", out, "--device", "cpu",
                        "--batch-size", 4, *args)
     assert code == 0, err
-    return GramCache(out)
+    return StatsCache(out)
 
 
 def chat_rows(tokenizer, messages: list[dict], counted: bool) -> tuple[dict, list[bool] | None]:
@@ -135,7 +135,7 @@ def test_chat_grams_equal_float64_reference(tokens, llm, cli, tmp_path):
     reference = capture_grams(model, list(examples), counted=list(counted) if tokens == "response" else None)
     assistant_tokens = sum(sum(mask) for mask in counted) if tokens == "response" else None
     for name, layer in cache.manifest.layers.items():
-        gram = cache.read(layer.gram)
+        gram = cache.gram(layer.gram)
         assert relative_error(gram, reference["grams"][name]) < 1e-5, name
         assert cache.manifest.grams[layer.gram].tokens == reference["rows"][name]
         if assistant_tokens is not None:
@@ -177,7 +177,7 @@ def test_adapter_stats_equal_stats_of_the_adapter_merged_by_peft(llm, cli, tmp_p
     assert ours.manifest.grams.keys() == theirs.manifest.grams.keys()
     for key, entry in theirs.manifest.grams.items():
         assert ours.manifest.grams[key].tokens == entry.tokens
-        assert relative_error(ours.read(key), theirs.read(key).double().numpy()) < 1e-5, key
+        assert relative_error(ours.gram(key), theirs.gram(key).double().numpy()) < 1e-5, key
 
 
 def test_adapters_and_a_full_checkpoint_merge_as_float64_regmean(llm, cli, tmp_path):
@@ -293,7 +293,7 @@ def test_attention_implementation_is_passed_to_the_model(llm, cli, tmp_path):
     sdpa = stats(cli, llm["base"], task, tmp_path / "sdpa", "--messages-column", "messages",
                  "--attn-implementation", "sdpa")
     for key in eager.manifest.grams:
-        assert relative_error(eager.read(key), sdpa.read(key).double().numpy()) < 1e-5
+        assert relative_error(eager.gram(key), sdpa.gram(key).double().numpy()) < 1e-5
     code, _, err = cli("stats", "--model", llm["base"], "--dataset", task, "--messages-column", "messages",
                        "--attn-implementation", "no-such-kernel", "--out", tmp_path / "x", "--device", "cpu",
                        "--num-examples", 4)
@@ -329,7 +329,7 @@ def test_t5_decoder_and_cross_attention_grams_and_merge_equal_float64_reference(
         kinds = set()
         for name, layer in cache.manifest.layers.items():
             assert cache.manifest.grams[layer.gram].tokens == reference["rows"][name], name
-            assert relative_error(cache.read(layer.gram), reference["grams"][name]) < 1e-5, name
+            assert relative_error(cache.gram(layer.gram), reference["grams"][name]) < 1e-5, name
             kinds.add(name.split(".")[0] + ("-cross" if "EncDecAttention" in name else ""))
         assert kinds == {"encoder", "decoder", "decoder-cross", "lm_head"}
         loaded.append(model)

@@ -21,8 +21,11 @@ def walkthrough(tmp_path_factory):
 
 def test_walkthrough_trains_adapters_merges_and_scores_every_method(walkthrough):
     out, results = walkthrough
-    assert list(results["methods"]) == ["base", "individual", "average", "task-arithmetic-0.5", "regmean",
-                                        "regmean-response-tokens", "regmean++"]
+    assert list(results["methods"]) == ["base", "individual", "average", "task-arithmetic-0.5", "ties", "fisher",
+                                        "regmean", "regmean-response-tokens", "regmean-trace", "regmean++", "sweep"]
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert {p["method"] for p in sweep["points"]} >= {"regmean", "fisher", "average", "ties", "dare"}
+    assert all(set(p["validation"]) == set(CHAT_TASKS) and "loss" in p["validation"]["topic"] for p in sweep["points"])
     assert [t["name"] for t in results["tasks"]] == list(CHAT_TASKS)
     assert {t["metric"] for t in results["tasks"]} == {"loss"}
     for name in CHAT_TASKS:
@@ -31,6 +34,9 @@ def test_walkthrough_trains_adapters_merges_and_scores_every_method(walkthrough)
         manifest = json.loads((out / "caches" / name / "manifest.json").read_text())
         assert manifest["examples"] == TINY.stats_examples and manifest["model"]["base_model"] == adapter[
             "base_model_name_or_path"]
+        assert manifest["statistics"] == ["gram", "fisher"]
+        trained_on = [json.loads(line) for line in (out / "tasks" / name / "validation.jsonl").read_text().splitlines()]
+        assert trained_on and len(trained_on) < TINY.n_train  # held out of the adapter's training
         response = json.loads((out / "caches-response" / name / "manifest.json").read_text())
         assert response["dataset"]["tokens"] == "response"
         assert {g["tokens"] for g in response["grams"].values()} == {2 * TINY.stats_examples}  # answer + end

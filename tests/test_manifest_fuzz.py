@@ -46,7 +46,7 @@ def plain(name: str) -> bool:
 
 
 def holds_invariants(manifest: Manifest) -> None:
-    """What GramCache, the planner and the checkpoint loader take for granted after parsing."""
+    """What StatsCache, the planner and the checkpoint loader take for granted after parsing."""
     assert manifest.storage in ("zarr", "safetensors") and manifest.accumulate_dtype in ("float32", "float64")
     for key, gram in manifest.grams.items():
         assert plain(key), key

@@ -107,12 +107,12 @@ def test_identities_copies_single_and_diagonal_average(workspace, cli, tmp_path)
     # a = 0: each input feature's weights are averaged with weights proportional to its mean square.
     pair = make_caches(cli, tmp_path, bert, tasks[:2], "--accumulate-dtype", "float64", name="pair")
     state = merged_state(merge(cli, pair, tmp_path / "diag", "--reduce-non-diagonal-ratio", 0, "--solve-dtype", "float64"))
-    from regmean_pipeline.cache.store import GramCache
+    from regmean_pipeline.cache.store import StatsCache
 
-    caches = [GramCache(pair / "c0"), GramCache(pair / "c1")]
+    caches = [StatsCache(pair / "c0"), StatsCache(pair / "c1")]
     weights = [load(m).state_dict() for m in bert]
     for layer, entry in caches[0].manifest.layers.items():
-        mean_squares = [np.diag(c.read(entry.gram).numpy()) / c.manifest.grams[entry.gram].tokens for c in caches]
+        mean_squares = [np.diag(c.gram(entry.gram).numpy()) / c.manifest.grams[entry.gram].tokens for c in caches]
         w_t = [w[entry.weight].double().numpy().T for w in weights]
         expected = sum(m[:, None] * w for m, w in zip(mean_squares, w_t)) / sum(mean_squares)[:, None]
         assert relative_error(state[entry.weight].T, expected) < 1e-6, layer
@@ -171,10 +171,10 @@ def test_coefficients_and_token_weighting(workspace, cli, tmp_path):
     expected = (3 * states[0]["bert.embeddings.LayerNorm.weight"] + states[1]["bert.embeddings.LayerNorm.weight"]) / 4
     assert torch.allclose(state["bert.embeddings.LayerNorm.weight"], expected, rtol=1e-6)
     # A coefficient c scales a candidate's Gram: equivalent to `tokens` weighting when c = tokens share.
-    from regmean_pipeline.cache.store import GramCache
+    from regmean_pipeline.cache.store import StatsCache
 
     key = "bert.encoder.layer.0.attention.self.query"
-    t0, t1 = (GramCache(caches / c).manifest.grams[key].tokens for c in ("c0", "c1"))
+    t0, t1 = (StatsCache(caches / c).manifest.grams[key].tokens for c in ("c0", "c1"))
     by_tokens = merged_state(merge(cli, caches, tmp_path / "tok", "--gram-weighting", "tokens", "--solve-dtype", "float64"))
     by_coef = merged_state(merge(cli, caches, tmp_path / "c", "--coefficient", f"c0={t0}", "--coefficient", f"c1={t1}",
                                  "--solve-dtype", "float64"))

@@ -106,5 +106,5 @@ def test_duplicate_candidate_names(built, cli, tmp_path):
 
 def test_cache_format_from_the_future(built, cli, tmp_path):
     caches = cache_dir(built, tmp_path, "b")
-    edit(caches / "b" / "manifest.json", lambda m: m.update(version=2))
-    expect_refusal(cli, tmp_path, ["--cache-dir", caches], "b/manifest.json", "version 2 is newer", "upgrade")
+    edit(caches / "b" / "manifest.json", lambda m: m.update(version=3))
+    expect_refusal(cli, tmp_path, ["--cache-dir", caches], "b/manifest.json", "version 3 is newer", "upgrade")

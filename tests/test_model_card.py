@@ -3,7 +3,7 @@ accuracy `regmean eval` adds without changing the model's score key."""
 
 from __future__ import annotations
 
-import ast
+import json
 import re
 import shutil
 import subprocess
@@ -16,14 +16,13 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard
 
-from regmean_pipeline.config import OPTION_KEYS, load_config
+from regmean_pipeline.config import load_config, option_keys
 from regmean_pipeline.merge import model_card
+from regmean_pipeline.merge.methods.registry import config_keys
 from regmean_pipeline.merge.model_card import (
     ACCURACY_BEGIN,
     HEAD_TABLES,
     RUN_ONLY,
-    _literal_auto_table,
-    auto_table,
     build_card,
     pipeline_tag_of,
     record_accuracy,
@@ -132,9 +131,9 @@ def test_the_config_block_remakes_the_merge_bit_for_bit(project, cli, monkeypatc
     assert config["method"] == "regmean" and config["cache_dir"] == "caches" and config["per_candidate"] is True
     assert config["exclude_param_names_regex"] == [HEAD] and "device" not in config
     report = read_json(project / "merged" / "merge_report.json")
-    assert set(report["settings"]) - RUN_ONLY <= set(OPTION_KEYS)  # every setting can be given back
+    assert set(report["settings"]) - RUN_ONLY <= set(option_keys(config_keys()))  # every setting can be given back
     Path("rerun.yaml").write_text(block)
-    assert load_config("rerun.yaml")["reduce_non_diagonal_ratio"] == 0.95
+    assert load_config("rerun.yaml", config_keys())["reduce_non_diagonal_ratio"] == 0.95
     code, _, err = cli("merge", "--config", "rerun.yaml", "--out", "again/merged", "--device", "cpu")
     assert code == 0, err  # an output of the same name, so that the cards' titles agree too
     first, second = files(project / "merged"), files(project / "again" / "merged")
@@ -160,7 +159,7 @@ def test_a_task_arithmetic_card_round_trips(project, cli, monkeypatch):
     assert config["models"] == {"alpha": "candidates/alpha", "beta": "candidates/beta"}
     assert config["pretrained"] == "base" and config["scaling"] == 0.4 and config["coefficients"] == {"beta": 0.5}
     report = read_json(project / "ta" / "merge_report.json")
-    assert set(report["settings"]) - RUN_ONLY <= set(OPTION_KEYS)
+    assert set(report["settings"]) - RUN_ONLY <= set(option_keys(config_keys()))
     for candidate in report["candidates"]:  # no cache, yet a fingerprint: the same one stats records
         manifest = read_json(project / "caches" / candidate["name"] / "manifest.json")
         assert candidate["fingerprint"] == manifest["model"]["fingerprint"]
@@ -192,7 +191,7 @@ def test_a_regmean_plusplus_card_round_trips(project, cli, monkeypatch):
     assert config["method"] == "regmean++" and config["datasets"]["beta"] == "tasks/beta/train.jsonl"
     assert config["num_regmean_examples"] == 16 and config["max_length"] == 12 and config["batch_size"] == 4
     report = read_json(project / "pp" / "merge_report.json")
-    assert set(report["settings"]) - RUN_ONLY <= set(OPTION_KEYS)
+    assert set(report["settings"]) - RUN_ONLY <= set(option_keys(config_keys()))
     assert [c["examples"] for c in report["candidates"]] == [16, 16]
     Path("pp.yaml").write_text(config_block(project / "pp" / "README.md"))
     code, _, err = cli("merge", "--config", "pp.yaml", "--out", "again/pp", "--device", "cpu")
@@ -284,44 +283,45 @@ def test_pipeline_tag_follows_the_head(architecture, tag):
     assert pipeline_tag_of(architecture) == tag
 
 
-def test_auto_tables_read_from_source_equal_the_imported_ones():
-    """The tables come from modeling_auto.py's source (no import of transformers.models): each one the
-    lookup uses must be the installed transformers' own, entry for entry."""
+def test_pipeline_tag_lookup_imports_the_model_tables_only_for_ambiguous_names():
+    """Heads named by their class's ending are tagged without importing transformers' model tables (about a
+    second); a bare ...Model or a ForConditionalGeneration is looked up in them, with their answer."""
+    code = ("import sys; from regmean_pipeline.merge.model_card import pipeline_tag_of; "
+            "tags = [pipeline_tag_of(a) for a in ('BertForSequenceClassification', 'CLIPVisionModel', "
+            "'LlamaForCausalLM')]; imported = 'transformers.models.auto.modeling_auto' in sys.modules; "
+            "tags.append(pipeline_tag_of('ViTModel')); "
+            "print(tags, imported, 'transformers.models.auto.modeling_auto' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ("['text-classification', 'image-feature-extraction', 'text-generation', "
+                                   "'image-feature-extraction'] False True")
+
+
+def test_the_tags_by_class_name_agree_with_transformers_tables():
+    """Every class the installed transformers lists under a head, whose name ends in one of the suffixes, is
+    tagged as its first table says, given what its folder says of its inputs (audio, a vision tower)."""
     from transformers.models.auto import modeling_auto
 
-    names = [table for _, table in HEAD_TABLES] + ["MODEL_MAPPING_NAMES", "MODEL_FOR_IMAGE_MAPPING_NAMES"]
-    for name in names:
-        assert _literal_auto_table(name) == dict(getattr(modeling_auto, name)), name
-        assert auto_table(name) == dict(getattr(modeling_auto, name)), name
-    assert auto_table("NO_SUCH_MAPPING_NAMES") == {}
+    first: dict[str, str] = {}
+    for tag, table in HEAD_TABLES:
+        for value in getattr(modeling_auto, table).values():
+            for architecture in (value,) if isinstance(value, str) else value:
+                first.setdefault(architecture, tag)
+    named = {a: tag for a, tag in first.items()
+             if next((t for suffix, t in model_card.HEAD_SUFFIXES if a.endswith(suffix)), None) is not None}
+    assert len(named) > 500
+    for architecture, tag in named.items():
+        hints = {"audio": tag == "audio-classification", "multimodal": tag == "image-text-to-text"}
+        assert pipeline_tag_of(architecture, **hints) == tag, architecture
 
 
-def test_each_auto_table_is_parsed_from_its_own_statement():
-    """The lookup parses only the statement of the table it needs (not the 2800-line module): every
-    table's cut must parse on its own to the same node as the whole module's parse gives."""
-    whole = model_card._auto_table_nodes()
-    cuts = model_card._auto_table_statements()
-    assert set(cuts) == set(whole) and len(whole) > 40
-    for name, node in whole.items():
-        alone = ast.parse(cuts[name]).body
-        assert len(alone) == 1 and model_card._mapping_assignment(alone[0]) == name, name
-        assert ast.dump(model_card._auto_table_node(name)) == ast.dump(node), name
-
-
-def test_a_cut_that_does_not_parse_falls_back_to_the_whole_module(monkeypatch):
-    name = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
-    cuts = dict(model_card._auto_table_statements())
-    cuts[name] = cuts[name][: len(cuts[name]) // 2]  # cut mid-table: a syntax error
-    monkeypatch.setattr(model_card, "_auto_table_statements", lambda: cuts)
-    assert ast.dump(model_card._auto_table_node(name)) == ast.dump(model_card._auto_table_nodes()[name])
-
-
-def test_pipeline_tag_lookup_does_not_import_the_model_tables():
-    code = ("import sys; from regmean_pipeline.merge.model_card import pipeline_tag_of; "
-            "tags = [pipeline_tag_of(a) for a in ('BertModel', 'ViTModel', 'LlamaForCausalLM')]; "
-            "print(tags, 'transformers.models.auto.modeling_auto' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "['feature-extraction', 'image-feature-extraction', 'text-generation'] False"
+def test_folder_hints_tell_audio_and_multimodal_models_apart(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Wav2Vec2ForSequenceClassification"]}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"feature_extractor_type": "Wav2Vec2FeatureExtractor"}))
+    assert model_card.folder_hints(tmp_path) == {"audio": True, "multimodal": False}
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # a text model with a feature extractor too: not audio
+    assert model_card.folder_hints(tmp_path) == {"audio": False, "multimodal": False}
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {}, "text_config": {}}))
+    assert model_card.folder_hints(tmp_path)["multimodal"]
 
 
 @pytest.mark.parametrize("config, message", [
@@ -351,6 +351,6 @@ def test_the_python_api_reads_a_card_config_and_refuses_another_method(project):
 
     config = yaml.safe_load(config_block(project / "merged" / "README.md"))
     merger = RegMean.from_config(config)  # the merge-only keys (cache_dir, per_candidate, ...) are not its business
-    assert merger.settings.exclude == [HEAD] and merger.settings.reduce_non_diagonal_ratio == 0.95
+    assert merger.settings.exclude == [HEAD] and merger.solve.reduce_non_diagonal_ratio == 0.95
     with pytest.raises(RegMeanError, match="method 'task-arithmetic'"):
         RegMean.from_config({**config, "method": "task-arithmetic"})

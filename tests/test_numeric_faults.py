@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from regmean_pipeline.testing import make_model, save_model
 from tests import faults
 from tests.conftest import read_json
@@ -48,13 +48,13 @@ def objective_gaps(caches, models, merged, ratio: float, *, bounded: bool = Fals
     """Per layer: (f(merged) - f(optimum)) / f(first candidate), all in float64. ``bounded``: also check
     the merged weights stay the size of the candidates' (no blow-up along directions no input reached)."""
     gaps = {}
-    loaded = [GramCache(caches / name) for name in sorted(p.name for p in caches.iterdir() if not p.name.startswith("."))]
+    loaded = [StatsCache(caches / name) for name in sorted(p.name for p in caches.iterdir() if not p.name.startswith("."))]
     weights = [load_file(str(m / "model.safetensors")) for m in models]
     state = load_file(str(merged / "model.safetensors"))
     for layer, entry in loaded[0].manifest.layers.items():
         grams = []
         for cache in loaded:
-            g = cache.read(entry.gram).double() / cache.manifest.grams[entry.gram].tokens
+            g = cache.gram(entry.gram).double() / cache.manifest.grams[entry.gram].tokens
             g = ratio * g + (1 - ratio) * torch.diag(torch.diag(g))
             values, vectors = torch.linalg.eigh(g)
             grams.append((vectors * values.clamp_min(0)) @ vectors.T)  # PSD, as X^T X is
@@ -162,7 +162,7 @@ def test_gram_with_nan_or_inf_is_refused_by_merge(value, bert_caches, workspace,
     import numpy as np
     import zarr
 
-    from regmean_pipeline.cache.store import gram_checksum
+    from regmean_pipeline.cache.store import array_checksum
 
     cache = tmp_path / "caches" / "a"
     shutil.copytree(bert_caches["zarr"], cache)
@@ -172,7 +172,7 @@ def test_gram_with_nan_or_inf_is_refused_by_merge(value, bert_caches, workspace,
     values = array[...]
     values[np.random.default_rng(0).integers(len(values))] = value
     array[...] = values
-    manifest["grams"][key]["checksum"] = gram_checksum(key, manifest["grams"][key]["tokens"], values)
+    manifest["grams"][key]["checksum"] = array_checksum(key, manifest["grams"][key]["tokens"], values)
     (cache / "manifest.json").write_text(json.dumps(manifest))  # consistent checksum: only the values are wrong
     with faults.trial("NaN or Inf in weights, activations or Grams"):
         code, _, err = cli("merge", "--cache-dir", tmp_path / "caches", "--out", tmp_path / "m", "--device", "cpu")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from regmean_pipeline.sizing import estimate, human
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -22,7 +22,7 @@ def test_plan_matches_the_cache_a_real_run_writes(kind, workspace, cli, tmp_path
     code, out, err = cli("plan", "--model", model, "--candidates", 3, "--json")
     assert code == 0, err
     planned = json.loads(out)
-    cache = GramCache(tmp_path / "a")
+    cache = StatsCache(tmp_path / "a")
     stored = {key: cache.read_packed(key) for key in cache.manifest.grams}
     assert planned["grams"] == len(stored) and planned["linear_layers"] == len(cache.manifest.layers)
     assert planned["cache_bytes"] == sum(values.nbytes for values in stored.values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 
 BUCKET = "regmean-test"
 
@@ -71,7 +71,7 @@ def test_stats_and_merge_through_s3_match_local_folders(s3, workspace, cli, tmp_
         stats(cli, workspace, f"{where}/b", 2, "--format", "safetensors")
     assert "a/manifest.json" in listing(s3, "run/caches/") and "b/grams.safetensors" in listing(s3, "run/caches/")
     for name in ("a", "b"):
-        remote, local = GramCache(f"s3://{BUCKET}/run/caches/{name}"), GramCache(tmp_path / "caches" / name)
+        remote, local = StatsCache(f"s3://{BUCKET}/run/caches/{name}"), StatsCache(tmp_path / "caches" / name)
         assert remote.manifest.grams == local.manifest.grams  # same checksums: the same bytes were stored
         for key in local.manifest.grams:
             assert np.array_equal(remote.read_packed(key), local.read_packed(key))
@@ -90,7 +90,7 @@ def test_shards_on_s3_combine_there(s3, workspace, cli, tmp_path):
     code, _, err = cli("combine", f"s3://{BUCKET}/shards/a", "--out", f"s3://{BUCKET}/combined/a")
     assert code == 0, err
     stats(cli, workspace, tmp_path / "whole", 1)
-    combined, whole = GramCache(f"s3://{BUCKET}/combined/a"), GramCache(tmp_path / "whole")
+    combined, whole = StatsCache(f"s3://{BUCKET}/combined/a"), StatsCache(tmp_path / "whole")
     assert combined.manifest.examples == whole.manifest.examples == 16
     for key, entry in whole.manifest.grams.items():
         assert combined.manifest.grams[key].tokens == entry.tokens
@@ -107,7 +107,7 @@ def test_a_failed_write_leaves_nothing_a_merge_accepts(s3, workspace, cli, tmp_p
     assert code == 2 and "already exists; pass --overwrite" in err
 
     calls = {"n": 0}
-    real = cache_module.gram_checksum
+    real = cache_module.array_checksum
 
     def failing(*args):  # the third Gram cannot be written
         calls["n"] += 1
@@ -115,7 +115,7 @@ def test_a_failed_write_leaves_nothing_a_merge_accepts(s3, workspace, cli, tmp_p
             raise OSError("connection reset")
         return real(*args)
 
-    monkeypatch.setattr(cache_module, "gram_checksum", failing)
+    monkeypatch.setattr(cache_module, "array_checksum", failing)
     code, _, err = cli("stats", "--model", workspace.model("bert", 2), "--dataset", workspace.text_task(2),
                        "--out", f"s3://{BUCKET}/fail/b", "--device", "cpu")
     assert code == 1 and "connection reset" in err

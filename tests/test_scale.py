@@ -17,7 +17,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from stages.stats import StatsOptions, run_stats
 from tests.conftest import read_json
 from tests.test_cli import REGMEAN
@@ -40,7 +40,7 @@ def run_command(args, *, torchrun: int = 0, check: bool = True) -> subprocess.Co
 
 
 def grams_of(folder) -> tuple[dict, dict[str, np.ndarray]]:
-    cache = GramCache(folder)
+    cache = StatsCache(folder)
     return read_json(Path(folder) / "manifest.json"), {key: cache.read_packed(key).astype(np.float64)
                                                         for key in cache.manifest.grams}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from regmean_pipeline.cache.shards import ShardSpec
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from tests.test_cli import REGMEAN
 
 STATS = ("--num-examples", 12, "--batch-size", 4, "--device", "cpu")
@@ -23,7 +23,7 @@ def cache_bytes(folder: Path) -> tuple[dict, dict[str, bytes]]:
     """The manifest without its timestamp, and the bytes of every Gram."""
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest.pop("created")
-    cache = GramCache(folder)
+    cache = StatsCache(folder)
     return manifest, {key: cache.read_packed(key).tobytes() for key in cache.manifest.grams}
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from regmean_pipeline.cache.manifest import MAX_DIM
-from regmean_pipeline.cache.store import GramCache
+from regmean_pipeline.cache.store import StatsCache
 from regmean_pipeline.cache.symmetric import packed_length
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.weights import SafetensorsCheckpoint
@@ -281,7 +281,7 @@ def hostile_huge_gram(folder: Path) -> None:
 
 
 def read_gram(folder: str, key: str) -> None:
-    GramCache(folder).read_packed(key)
+    StatsCache(folder).read_packed(key)
 
 
 def test_hostile_manifest_cannot_make_us_allocate(tmp_path):

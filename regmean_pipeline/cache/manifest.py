@@ -7,22 +7,28 @@ checked for type and range before anything trusts it (sizes, names, versions).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regmean_pipeline.cache.statistics import GRAM, STATISTICS, FisherEntry, GramEntry
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.storage import Folder
 
 FORMAT = "regmean-stats"
-VERSION = 1
+# Version 1: Grams only (no `statistics` field). Version 2: the caches that hold other statistics too,
+# which a tool that knows only Grams must refuse rather than read as a cache of no Grams.
+VERSION = 2
+GRAMS_ONLY_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 STORAGE_FORMATS = ("zarr", "safetensors")
 GRAM_DTYPES = ("float32", "float64")
 LAYOUT = "packed-upper"
 MAX_DIM = 1 << 18  # far above any hidden size in use; bounds what a manifest can make us allocate
+MAX_ELEMENTS = 1 << 36  # elements of one parameter (a Fisher array): far above any embedding in use
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest of the largest models is well under 1 MiB
 CHECKPOINT_FIELD = "checkpoint"  # in ``extra``: a checkpoint of an unfinished stats run, never a cache
 _SAFE_NAME = re.compile(r"(?!__)(?!\.\.?\Z)[A-Za-z0-9_.\-]{1,400}")
@@ -35,13 +41,6 @@ class LayerEntry:
     in_features: int
     out_features: int
     transposed: bool
-
-
-@dataclass
-class GramEntry:
-    dim: int
-    tokens: int
-    checksum: str
 
 
 @dataclass
@@ -62,9 +61,21 @@ class Manifest:
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     shard: dict[str, int] | None = None  # {"index": I, "count": N}: this cache holds share I of N
+    statistics: list[str] = field(default_factory=lambda: [GRAM.name])  # what the cache holds
+    fisher: dict[str, FisherEntry] = field(default_factory=dict)  # parameter name -> its diagonal Fisher
+
+    def entries(self, statistic: str) -> dict[str, GramEntry | FisherEntry]:
+        """The arrays of one statistic the cache holds, by key."""
+        return getattr(self, STATISTICS[statistic].section)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=False) + "\n"
+        data = asdict(self)
+        if self.statistics == [GRAM.name]:  # a Grams-only cache stays in the version 1 layout
+            del data["statistics"], data["fisher"]
+            data["version"] = GRAMS_ONLY_VERSION
+        else:
+            data["version"] = VERSION
+        return json.dumps(data, indent=1, sort_keys=False) + "\n"
 
     def write(self, folder: Path | Folder) -> None:
         folder = Folder(folder)
@@ -85,15 +96,21 @@ class Manifest:
 
 def manifest_from_stats(stats, *, model: dict[str, Any], dataset: dict[str, Any], storage: str,
                         forward_dtype: str, accumulate_dtype: str, include_padding: bool, tool: str = "",
-                        created: str = "") -> Manifest:
-    """The manifest of a GramStats (checksums are filled in when the Grams are written)."""
+                        created: str = "", fisher=None) -> Manifest:
+    """The manifest of a GramStats (None: no Grams measured) and a FisherStats (checksums are filled in
+    when the arrays are written)."""
+    statistics = ([GRAM.name] if stats is not None else []) + (["fisher"] if fisher is not None else [])
     return Manifest(
-        model=model, dataset=dataset, examples=stats.examples, include_padding=include_padding,
-        accumulate_dtype=accumulate_dtype, forward_dtype=forward_dtype, storage=storage,
+        model=model, dataset=dataset, examples=(stats if stats is not None else fisher).examples,
+        include_padding=include_padding, accumulate_dtype=accumulate_dtype, forward_dtype=forward_dtype,
+        storage=storage,
         layers={name: LayerEntry(stats.layer_grams[name], layer.weight, layer.in_features, layer.out_features,
-                                 layer.transposed) for name, layer in stats.layers.items()},
-        grams={key: GramEntry(int(total.shape[0]), stats.tokens[key], "") for key, total in stats.sums.items()},
-        tool=tool, created=created,
+                                 layer.transposed) for name, layer in stats.layers.items()} if stats is not None else {},
+        grams={key: GramEntry(int(total.shape[0]), stats.tokens[key], "") for key, total in stats.sums.items()}
+        if stats is not None else {},
+        tool=tool, created=created, statistics=statistics,
+        fisher={name: FisherEntry(list(total.shape), fisher.counts[name], "") for name, total in fisher.sums.items()}
+        if fisher is not None else {},
     )
 
 
@@ -139,6 +156,7 @@ def parse_manifest(data: Any, where: str) -> Manifest:
     _check(layout == LAYOUT, where, f"field 'layout' = {layout!r} is not {LAYOUT!r}")
     accumulate_dtype = _get(data, "accumulate_dtype", str, where)
     _check(accumulate_dtype in GRAM_DTYPES, where, f"field 'accumulate_dtype' = {accumulate_dtype!r} is not one of {GRAM_DTYPES}")
+    statistics = _statistics(data, version, where)
 
     grams: dict[str, GramEntry] = {}
     for key, entry in _get(data, "grams", dict, where).items():
@@ -173,6 +191,8 @@ def parse_manifest(data: Any, where: str) -> Manifest:
         shard = {"index": _count(shard, "index", f"{where} (shard)", 0, count - 1), "count": count}
     unused = set(grams) - {layer.gram for layer in layers.values()}
     _check(not unused, where, f"grams used by no layer: {sorted(unused)[:3]}")
+    _check(GRAM.name in statistics or not grams, where, "lists grams but its 'statistics' do not include gram")
+    fisher = _fisher_entries(data, where) if "fisher" in statistics else {}
 
     return Manifest(
         model=model,
@@ -191,7 +211,36 @@ def parse_manifest(data: Any, where: str) -> Manifest:
         created=str(data.get("created", "")),
         extra=data.get("extra", {}) if isinstance(data.get("extra", {}), dict) else {},
         shard=shard,
+        statistics=statistics,
+        fisher=fisher,
     )
+
+
+def _statistics(data: dict, version: int, where: str) -> list[str]:
+    if version == GRAMS_ONLY_VERSION:
+        _check("statistics" not in data, where, "field 'statistics' needs cache format version 2")
+        return [GRAM.name]
+    statistics = _get(data, "statistics", list, where)
+    _check(bool(statistics) and all(isinstance(name, str) and name in STATISTICS for name in statistics)
+           and len(set(statistics)) == len(statistics), where,
+           f"field 'statistics' = {statistics!r} must list some of {', '.join(STATISTICS)}, each once")
+    return statistics
+
+
+def _fisher_entries(data: dict, where: str) -> dict[str, FisherEntry]:
+    entries: dict[str, FisherEntry] = {}
+    for name, entry in _get(data, "fisher", dict, where).items():
+        at = f"{where} (fisher {name!r})"
+        check_name(name, at)
+        _check(isinstance(entry, dict), at, "not an object")
+        shape = _get(entry, "shape", list, at)
+        _check(len(shape) <= 8 and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= MAX_ELEMENTS
+                                       for n in shape), at, f"field 'shape' = {shape!r} is not a tensor shape")
+        _check(math.prod(shape) <= MAX_ELEMENTS, at, f"field 'shape' = {shape!r} is larger than any parameter")
+        checksum = _get(entry, "checksum", str, at)
+        _check(checksum.startswith("sha256:") and len(checksum) == 71, at, "malformed checksum")
+        entries[name] = FisherEntry(shape, _count(entry, "examples", at), checksum)
+    return entries
 
 
 def read_manifest(folder: Path | str | Folder) -> Manifest:

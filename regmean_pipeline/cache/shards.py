@@ -2,13 +2,15 @@
 
 ``regmean stats --shard I/N --out CANDIDATE`` writes ``CANDIDATE/shard-0000I-of-0000N/``, a normal cache
 whose manifest also records ``shard: {index: I, count: N}`` and the settings of the whole run. Because
-each Gram is a sum over rows, the candidate's cache is the plain sum of its shards: ``ShardedGrams``
-reads it that way (so merge accepts the candidate folder as is) and ``combine`` writes it out once.
+every stored array is a sum over rows, the candidate's cache is the plain sum of its shards:
+``ShardedStats`` reads it that way (so merge accepts the candidate folder as is) and ``combine`` writes it
+out once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -16,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from regmean_pipeline.cache.manifest import MANIFEST_NAME, Manifest
-from regmean_pipeline.cache.store import GramCache, write_packed_cache
+from regmean_pipeline.cache.statistics import STATISTICS
+from regmean_pipeline.cache.store import StatsCache, write_arrays
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.storage import Folder
 
@@ -59,7 +62,7 @@ def shard_folders(folder: Folder) -> list[Folder]:
 
 # What every shard of one candidate must agree on: everything but what depends on its share. The
 # model's and the dataset's paths may differ between machines; the weights' fingerprint may not.
-_SAME_RUN = ("include_padding", "accumulate_dtype", "forward_dtype", "layers", "layout")
+_SAME_RUN = ("include_padding", "accumulate_dtype", "forward_dtype", "layers", "layout", "statistics")
 
 
 def _run_settings(manifest: Manifest) -> dict:
@@ -69,25 +72,25 @@ def _run_settings(manifest: Manifest) -> dict:
     return settings
 
 
-class ShardedGrams:
-    """A candidate's Grams as the sum of its shard caches: the interface merge reads caches through."""
+class ShardedStats:
+    """A candidate's statistics as the sum of its shard caches: the interface merge reads caches through."""
 
-    def __init__(self, caches: Sequence[GramCache], where: str):
+    def __init__(self, caches: Sequence[StatsCache], where: str):
         self.where = where
         self.shards = _checked(list(caches), where)
         first = self.shards[0].manifest
-        grams = {key: dataclasses.replace(entry, tokens=sum(c.manifest.grams[key].tokens for c in self.shards),
-                                          checksum="")
-                 for key, entry in first.grams.items()}
-        self.manifest = dataclasses.replace(first, grams=grams, shard=None,
+        summed = {STATISTICS[statistic].section: {
+            key: entry.counted(sum(c.manifest.entries(statistic)[key].count for c in self.shards))
+            for key, entry in first.entries(statistic).items()} for statistic in first.statistics}
+        self.manifest = dataclasses.replace(first, **summed, shard=None,
                                             examples=sum(c.manifest.examples for c in self.shards))
 
-    def read_packed(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The Gram sum over all shards (added in float64, stored back in the accumulation dtype; into
+    def read(self, statistic: str, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The array's sum over all shards (added in float64, stored back in the accumulation dtype; into
         ``out`` when given)."""
         total = None
         for cache in self.shards:
-            values = cache.read_packed(key)
+            values = cache.read(statistic, key)
             total = values.astype(np.float64) if total is None else total + values
         if out is None:
             return total.astype(np.dtype(self.manifest.accumulate_dtype))
@@ -95,10 +98,10 @@ class ShardedGrams:
         return out
 
 
-def _checked(caches: list[GramCache], where: str) -> list[GramCache]:
+def _checked(caches: list[StatsCache], where: str) -> list[StatsCache]:
     if not caches:
         raise RegMeanError(f"{where}: no shard caches (folders shard-IIIII-of-NNNNN holding a {MANIFEST_NAME})")
-    by_index: dict[int, GramCache] = {}
+    by_index: dict[int, StatsCache] = {}
     first = caches[0]
     count = _shard_of(first)["count"]
     for cache in caches:
@@ -114,8 +117,10 @@ def _checked(caches: list[GramCache], where: str) -> list[GramCache]:
             if ours != theirs_all[field]:
                 detail = "another model's weights" if field == "model" else f"other settings ({field} differs)"
                 raise RegMeanError(f"{cache.folder}: this shard was computed with {detail} than {first.folder}")
-        if {k: e.dim for k, e in cache.manifest.grams.items()} != {k: e.dim for k, e in first.manifest.grams.items()}:
-            raise RegMeanError(f"{cache.folder}: holds other Grams than {first.folder}")
+        for statistic in first.manifest.statistics:
+            ours_sizes = {k: e.length for k, e in first.manifest.entries(statistic).items()}
+            if {k: e.length for k, e in cache.manifest.entries(statistic).items()} != ours_sizes:
+                raise RegMeanError(f"{cache.folder}: holds other {statistic} arrays than {first.folder}")
         by_index[shard["index"]] = cache
     missing = sorted(set(range(count)) - set(by_index))
     if missing:
@@ -124,30 +129,33 @@ def _checked(caches: list[GramCache], where: str) -> list[GramCache]:
     return [by_index[i] for i in range(count)]
 
 
-def _shard_of(cache: GramCache) -> dict[str, int]:
+def _shard_of(cache: StatsCache) -> dict[str, int]:
     if cache.manifest.shard is None:
         raise RegMeanError(f"{cache.folder}: a whole cache, not a shard; it cannot be combined with shards")
     return cache.manifest.shard
 
 
-def open_sharded(sources: Sequence[str | Folder], where: str | None = None) -> ShardedGrams:
+def open_sharded(sources: Sequence[str | Folder], where: str | None = None) -> ShardedStats:
     """Shard caches given as shard folders, or as candidate folders holding them."""
-    caches: list[GramCache] = []
+    caches: list[StatsCache] = []
     for source in map(Folder, sources):
         if source.exists(MANIFEST_NAME):
-            caches.append(GramCache(source))
+            caches.append(StatsCache(source))
             continue
         found = shard_folders(source)
         if not found:
             raise RegMeanError(f"{source}: neither a shard cache nor a folder of shard caches")
-        caches += [GramCache(folder) for folder in found]
-    return ShardedGrams(caches, where or ", ".join(map(str, sources)))
+        caches += [StatsCache(folder) for folder in found]
+    return ShardedStats(caches, where or ", ".join(map(str, sources)))
 
 
 def combine_shards(sources: Sequence[str | Folder], target: Folder, *, storage: str | None = None) -> Manifest:
     """Write the sum of the shards as one ordinary cache in ``target`` (an empty, writable folder)."""
     sharded = open_sharded(sources)
-    manifest = dataclasses.replace(sharded.manifest, storage=storage or sharded.manifest.storage,
-                                   grams={k: dataclasses.replace(e) for k, e in sharded.manifest.grams.items()})
+    sections = {STATISTICS[statistic].section: {k: dataclasses.replace(e) for k, e in
+                                                sharded.manifest.entries(statistic).items()}
+                for statistic in sharded.manifest.statistics}
+    manifest = dataclasses.replace(sharded.manifest, storage=storage or sharded.manifest.storage, **sections)
     manifest.extra = {**manifest.extra, "combined_from": [str(c.folder) for c in sharded.shards]}
-    return write_packed_cache(target, manifest, sharded.read_packed)
+    return write_arrays(target, manifest, {statistic: functools.partial(sharded.read, statistic)
+                                           for statistic in manifest.statistics})

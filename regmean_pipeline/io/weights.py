@@ -166,6 +166,30 @@ def adapter_base_dir(folder: Path, base_model: str | None = None) -> Path:
     return base_dir
 
 
+def split_adapter_reference(reference: str) -> tuple[str, str | None]:
+    """mergekit's ``BASE+ADAPTER`` (a LoRA adapter over BASE): (ADAPTER, BASE); any other reference:
+    (reference, None). A path that exists as written is never split, so a folder may keep a '+' in its
+    name; like mergekit, only a reference with exactly one '+' is split."""
+    if Path(reference).expanduser().exists() or reference.count("+") != 1:
+        return reference, None
+    base, adapter = reference.split("+")
+    if not base or not adapter:
+        return reference, None
+    return adapter, base
+
+
+def resolve_adapter_reference(reference: str) -> tuple[Path, str | None]:
+    """The folder a model reference names and, for ``BASE+ADAPTER``, the base its adapter goes over (to
+    pass to ``open_weights`` as ``base_model``). The part after the '+' must be a LoRA adapter folder:
+    a full checkpoint there would otherwise be read as is, its BASE silently ignored."""
+    target, base = split_adapter_reference(reference)
+    folder = resolve_model_dir(target)
+    if base is not None and not is_adapter(folder):
+        raise RegMeanError(f"model {reference}: {target} is no LoRA adapter folder (no adapter_config.json); "
+                           "BASE+ADAPTER takes an adapter after the '+'")
+    return folder, base
+
+
 def open_weights(folder: Path, *, allow_pickle: bool = False, base_model: str | None = None) -> WeightSource:
     """The checkpoint in a model folder; pickle-based files only when the user opted in.
 

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from regmean_pipeline.cache.manifest import CHECKPOINT_FIELD, Manifest
-from regmean_pipeline.cache.store import GramCache, write_cache
+from regmean_pipeline.cache.store import StatsCache, write_cache
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.atomic import staged_directory
+from regmean_pipeline.measure.fisher import FisherStats
 from regmean_pipeline.measure.gram import GramStats
 from regmean_pipeline.measure.linear import LinearLayer
 
@@ -47,13 +48,14 @@ class Resumed:
     stats: GramStats
     batches: int
     counts: dict[str, int] = field(default_factory=dict)  # skipped / truncated examples so far
+    fisher: FisherStats | None = None
 
 
 class StatsCheckpoints:
     """The checkpoints of one stats output: save every ``every`` batches, load, clear."""
 
     def __init__(self, out: Path, identity: Mapping[str, Any], *, every: int = 0,
-                 manifest_of: Callable[[GramStats], Manifest] | None = None):
+                 manifest_of: Callable[[GramStats, FisherStats | None], Manifest] | None = None):
         if every < 0:
             raise RegMeanError(f"--checkpoint-every: must be 0 (off) or a number of batches, got {every}")
         self.folder = checkpoint_folder(Path(out))
@@ -82,7 +84,7 @@ class StatsCheckpoints:
         if not generations:
             return None
         batches, folder = generations[-1]
-        cache = GramCache(folder, checkpoint=True)
+        cache = StatsCache(folder, checkpoint=True)
         manifest = cache.manifest
         state = manifest.extra[CHECKPOINT_FIELD]
         if not isinstance(state, dict) or state.get("batches") != batches:
@@ -100,7 +102,7 @@ class StatsCheckpoints:
             layer = layers.get(name)
             if layer is None or layer.in_features != entry.in_features or layer.weight != entry.weight:
                 raise RegMeanError(f"{folder}: layer {name} does not match this model's layers")
-        sums = {key: cache.read(key) for key in manifest.grams}
+        sums = {key: cache.gram(key) for key in manifest.grams}
         stats = GramStats(
             layers={name: layers[name] for name in manifest.layers},
             layer_grams={name: entry.gram for name, entry in manifest.layers.items()},
@@ -108,26 +110,30 @@ class StatsCheckpoints:
             tokens={key: entry.tokens for key, entry in manifest.grams.items()},
             examples=manifest.examples,
         )
+        fisher = FisherStats({name: cache.fisher(name) for name in manifest.fisher}, manifest.examples) \
+            if "fisher" in manifest.statistics else None
         counts = state.get("counts") if isinstance(state.get("counts"), dict) else {}
         self._saved_at = batches
         log.info("resuming from %s: %d batches (%d examples) already done", folder, batches, manifest.examples)
-        return Resumed(stats, batches, {str(k): int(v) for k, v in counts.items() if isinstance(v, int)})
+        return Resumed(stats, batches, {str(k): int(v) for k, v in counts.items() if isinstance(v, int)}, fisher)
 
-    def maybe_save(self, batches: int, snapshot: Callable[[], GramStats], counts: Mapping[str, int]) -> None:
+    def maybe_save(self, batches: int, snapshot: Callable[[], tuple[GramStats, FisherStats | None]],
+                   counts: Mapping[str, int]) -> None:
         """Save when ``every`` batches have passed since the last checkpoint."""
         if self.every and batches - self._saved_at >= self.every:
-            self.save(batches, snapshot(), counts)
+            self.save(batches, *snapshot(), counts=counts)
 
-    def save(self, batches: int, stats: GramStats, counts: Mapping[str, int]) -> None:
+    def save(self, batches: int, stats: GramStats, fisher: FisherStats | None = None, *,
+             counts: Mapping[str, int]) -> None:
         if self.manifest_of is None:
             raise ValueError("StatsCheckpoints.save needs manifest_of")
-        manifest = self.manifest_of(stats)
+        manifest = self.manifest_of(stats, fisher)
         manifest.storage = "safetensors"  # one file per checkpoint, whatever the cache's format
         manifest.extra = {CHECKPOINT_FIELD: {"batches": batches, "identity": self.identity, "counts": dict(counts)}}
         previous = self._generations()
         self.folder.mkdir(parents=True, exist_ok=True)
         with staged_directory(self.folder / f"batches-{batches:09d}", overwrite=True) as stage:
-            write_cache(stage, manifest, stats.sums)
+            write_cache(stage, manifest, stats.sums, fisher.sums if fisher is not None else None)
         for _, folder in previous:
             if folder.name != f"batches-{batches:09d}":
                 # Out of sight first (one atomic rename), then deleted: a kill halfway through a delete

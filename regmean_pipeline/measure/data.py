@@ -32,6 +32,15 @@ COUNT_MEANINGS = {
 }
 TOKEN_MODES = ("all", "response")  # which real tokens count: every one (RegMean), or the assistant's only
 ROW_INDEX = "_regmean_row"  # the example's row in the file, carried so a bad row can be named by its line
+VISION_INSTALL = "pip install 'regmean-pipeline[vision]'"  # Pillow is an extra: text-only installs go without
+
+
+def require_pillow(where: str = "--image-column") -> None:
+    """Image tasks decode their images with Pillow: without it, one line says so before any work is done."""
+    try:
+        from PIL import Image  # noqa: F401
+    except ImportError:
+        raise RegMeanError(f"{where}: image tasks need Pillow ({VISION_INSTALL})") from None
 
 
 @dataclass
@@ -137,6 +146,8 @@ def first_bad_line(path: Path) -> str | None:
 
 def load_examples(spec: DatasetSpec, *, images: bool):
     """The first N examples after a seeded shuffle, with the columns checked and chosen."""
+    if images:
+        require_pillow()
     dataset = _load_any(spec)
     columns = list(dataset.column_names)
     _check_token_mode(spec)
@@ -345,6 +356,7 @@ class ImageCollator:
     """Decodes and preprocesses a list of rows into pixel values; undecodable images are skipped, counted."""
 
     def __init__(self, processor, spec: DatasetSpec, accepted: set[str]):
+        require_pillow(f"dataset {spec.path}: image column {spec.image_column!r}")
         self.processor, self.spec, self.accepted = processor, spec, accepted
 
     def _image(self, value):

@@ -71,7 +71,7 @@ class GramAccumulator:
         self.model = model
         self.include_padding = include_padding
         self.accumulate_dtype = accumulate_dtype
-        self.layers = {layer.name: layer for layer in (layers or find_linear_layers(model))}
+        self.layers = {layer.name: layer for layer in (find_linear_layers(model) if layers is None else layers)}
         self.examples = 0
         self._key_of: dict[str, str] = {}
         self._sums: dict[str, torch.Tensor] = {}
@@ -83,6 +83,7 @@ class GramAccumulator:
         self._masks_by_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._handles: list = []
         self._batches = 0
+        self._active = False  # the hooks record only inside ``batch`` (not in other forwards, e.g. the Fisher's)
 
     def __enter__(self) -> GramAccumulator:
         modules = dict(self.model.named_modules())
@@ -122,9 +123,11 @@ class GramAccumulator:
             None if self.include_padding or attention_mask is None else attention_mask.bool()
         self._decoder_mask = None if self.include_padding or decoder_mask is None else decoder_mask.bool()
         self._masks_by_device.clear()
+        self._active = True
         try:
             yield
         finally:
+            self._active = False
             self._pass_inputs.clear()
             self._mask = self._decoder_mask = self._encoder_output = None
             self._masks_by_device.clear()
@@ -133,6 +136,8 @@ class GramAccumulator:
         self._check_finite()
 
     def _on_input(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active:
+            return
         x = args[0] if args else next(iter(kwargs.values()))
         seen = self._pass_inputs.get(id(x))
         if seen is not None and seen[0] is x:
@@ -247,28 +252,34 @@ def collect_grams(
     start: GramStats | None = None,
     after_batch: Callable[[GramAccumulator], None] | None = None,
     accumulator: type[GramAccumulator] = GramAccumulator,
+    fisher=None,
+    grams: bool = True,
 ) -> GramStats:
     """Run the model over the batches with the hooks on; the one loop shared by stats and the API.
 
     ``layers`` limits the hooks to some layers (one pass of a multi-pass run); default: all.
     ``start``: sums to continue from (a resumed run); ``after_batch``: called once each batch is
-    accumulated and checked (checkpoints).
+    accumulated and checked (checkpoints). ``fisher``: a FisherAccumulator (measure/fisher.py) given the
+    same batches; ``grams=False``: the Fisher alone, no Gram forward.
     """
     model.eval()
     with accumulator(model, include_padding=include_padding, accumulate_dtype=accumulate_dtype,
-                     layers=layers) as acc:
+                     layers=layers if grams else []) as acc:
         if start is not None:
             acc.restore(start, device)
-        with torch.inference_mode():
-            for batch in batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                counted_rows = batch.pop(ROW_MASK_KEY, None)
-                size = batch_size_of(batch)
-                with acc.batch(batch.get("attention_mask"), size, counted_rows=counted_rows,
-                               decoder_mask=batch.get("decoder_attention_mask")):
+        for batch in batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            counted_rows = batch.pop(ROW_MASK_KEY, None)
+            size = batch_size_of(batch)
+            with torch.inference_mode(), acc.batch(batch.get("attention_mask"), size, counted_rows=counted_rows,
+                                                   decoder_mask=batch.get("decoder_attention_mask")):
+                if grams:
                     model(**batch)
-                if progress is not None:
-                    progress.update(size)
-                if after_batch is not None:
-                    after_batch(acc)
-        return acc.result()
+            if fisher is not None:
+                fisher.add(batch, counted_rows)
+            if progress is not None:
+                progress.update(size)
+            if after_batch is not None:
+                after_batch(acc)
+        with torch.inference_mode():
+            return acc.result()

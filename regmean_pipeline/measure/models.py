@@ -124,6 +124,10 @@ def preprocessor_folder(folder: Path, base_model: str | None = None) -> Path:
 def load_preprocessor(folder: Path, *, images: bool, trust_remote_code: bool = False, base_model: str | None = None):
     """The candidate's own tokenizer (text) or image processor (images)."""
     folder = preprocessor_folder(Path(folder), base_model)
+    if images:
+        from regmean_pipeline.measure.data import require_pillow
+
+        require_pillow()  # before transformers, whose own ImportError would be a traceback
     try:
         if images:
             return transformers.AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=trust_remote_code)

@@ -84,16 +84,18 @@ def collect_grams_in_passes(
     include_padding: bool = False,
     accumulate_dtype: torch.dtype = torch.float32,
     progress=None,
+    fisher=None,
 ) -> GramStats:
     """``collect_grams`` with at most ``budget`` bytes of accumulators alive at a time.
 
-    ``batches`` must be re-iterable (a DataLoader) and yield the same batches every time.
+    ``batches`` must be re-iterable (a DataLoader) and yield the same batches every time. The Fisher, when
+    asked for (one float per parameter, outside the Gram budget), is measured in the first pass.
     """
     layers = find_linear_layers(model)
     upper_bound = sum(gram_bytes(layer.in_features, accumulate_dtype) for layer in layers)
     if upper_bound <= budget:
         return collect_grams(model, batches, device=device, include_padding=include_padding,
-                             accumulate_dtype=accumulate_dtype, progress=progress)
+                             accumulate_dtype=accumulate_dtype, progress=progress, fisher=fisher)
     first = next(iter(batches), None)
     if first is None:
         raise RegMeanError("no batches to accumulate")
@@ -109,7 +111,8 @@ def collect_grams_in_passes(
     for number, group in enumerate(passes, 1):
         log.info("pass %d of %d: %d layers", number, len(passes), len(group))
         results.append(collect_grams(model, batches, device=device, include_padding=include_padding,
-                                     accumulate_dtype=accumulate_dtype, progress=progress, layers=group))
+                                     accumulate_dtype=accumulate_dtype, progress=progress, layers=group,
+                                     fisher=fisher if number == 1 else None))
     return join_passes(results, [layer.name for layer in layers])
 
 

@@ -1,8 +1,9 @@
-"""One candidate measured by several torchrun processes: their Gram sums added into one."""
+"""One candidate measured by several torchrun processes: their Gram and Fisher sums added into one."""
 
 from __future__ import annotations
 
 from regmean_pipeline.distributed import check_same, sum_counts, sum_in_place
+from regmean_pipeline.measure.fisher import FisherStats
 from regmean_pipeline.measure.gram import GramStats
 
 
@@ -21,3 +22,13 @@ def sum_gram_stats(stats: GramStats) -> GramStats:
     stats.tokens = dict(zip(keys, tokens))
     stats.examples = examples
     return stats
+
+
+def sum_fisher_stats(stats: FisherStats) -> FisherStats:
+    """Sum every rank's Fisher sums and example count into ``stats`` on every rank (same layout checked first)."""
+    names = sorted(stats.sums)
+    check_same("\n".join(f"{name}:{list(stats.sums[name].shape)}:{stats.sums[name].dtype}" for name in names),
+               "the parameters whose Fisher was measured")
+    sum_in_place([stats.sums[name] for name in names])
+    (examples,) = sum_counts([stats.examples])
+    return FisherStats(stats.sums, examples, stats.estimator)

@@ -19,11 +19,19 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from regmean_pipeline.cache.symmetric import packed_length
+from regmean_pipeline.cache.symmetric import diagonal_positions, packed_length
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.linear import weight_from_in_out, weight_in_out
 from regmean_pipeline.merge.averaging import anchored_mean
-from regmean_pipeline.merge.plan import LOADS_AHEAD, Candidate, GramSource, MergePlan, MergeSettings, SolveBatch
+from regmean_pipeline.merge.plan import (
+    LOADS_AHEAD,
+    Candidate,
+    MergePlan,
+    MergeSettings,
+    SolveBatch,
+    SolveSettings,
+    StatsSource,
+)
 from regmean_pipeline.merge.solve import SolveResult
 from regmean_pipeline.merge.systems import Buffers, SystemSums
 
@@ -117,14 +125,14 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool, buffers: LoadB
     return tensor
 
 
-def stack_packed_grams(batch: SolveBatch, grams: GramSource, pin: bool = False, buffers: LoadBuffers | None = None,
+def stack_packed_grams(batch: SolveBatch, stats: StatsSource, pin: bool = False, buffers: LoadBuffers | None = None,
                        leases: list[torch.Tensor] | None = None) -> torch.Tensor:
     """One candidate's packed Gram sums of a batch, stacked: (B, d(d+1)/2), each read straight into its row
     (of storage taken from ``buffers``, when given, whose flat buffer is appended to ``leases``)."""
-    dtype = getattr(torch, grams.manifest.accumulate_dtype)
+    dtype = getattr(torch, stats.manifest.accumulate_dtype)
     stacked = _empty((len(batch.groups), packed_length(batch.dim)), dtype, pin, buffers, leases)
     for i, group in enumerate(batch.groups):
-        grams.read_packed(group.key, out=stacked[i].numpy())
+        stats.read("gram", group.key, out=stacked[i].numpy())
     return stacked
 
 
@@ -159,7 +167,7 @@ def _load(batch: SolveBatch, candidate: Candidate, pin: bool, buffers: LoadBuffe
     has added them. The anchor's weights are not taken from ``buffers``: they become the solution, which
     the writer holds until it is written."""
     leases: list[torch.Tensor] = []
-    packed = stack_packed_grams(batch, candidate.grams, pin, buffers, leases)
+    packed = stack_packed_grams(batch, candidate.stats, pin, buffers, leases)
     weights = stack_weights(batch, candidate.weights, pin, None if anchor else buffers, leases)
     return packed, weights, leases
 
@@ -193,10 +201,10 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
                   combine: Callable[[str], torch.Tensor] | None = None) -> dict:
     """Solve every batch, average the rest, copy excluded tensors; returns the report's layers and timings.
 
-    ``combine(name)``, when given, replaces averaging for the parameters not solved (task arithmetic).
+    ``combine(name)``, when given, replaces averaging for the parameters not solved (the method's combiner).
     """
     started = time.perf_counter()
-    dtype = settings.solve_dtype
+    solve = settings.solve
     first = candidates[0]
     coefficient_sum = sum(c.coefficient for c in candidates)
     report_layers: dict[str, dict] = {}
@@ -213,11 +221,10 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     for (batch, candidate), (packed, weights, leases) in loads:
         timings["wait_for_reads"] += time.perf_counter() - wait_started
         solve_started = time.perf_counter()
-        scales = torch.tensor([_gram_scale(candidate, candidates, group.key, settings) for group in batch.groups],
-                              dtype=torch.float64)
+        scales = gram_scales(batch, packed, candidate, candidates, solve)
         if candidate is first:
-            sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=dtype, device=device,
-                              reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio, buffers=buffers)
+            sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=solve.solve_dtype, device=device,
+                              reduce_non_diagonal_ratio=solve.reduce_non_diagonal_ratio, buffers=buffers)
             sums.set_anchor(weights)
             sums.add(packed, scales)
         else:
@@ -246,9 +253,16 @@ def execute_merge(plan: MergePlan, candidates: list[Candidate], settings: MergeS
     return {"layers": report_layers, "timings": timings}
 
 
-def _gram_scale(candidate: Candidate, candidates: list[Candidate], key: str, settings: MergeSettings) -> float:
-    return settings.gram_scale(candidate.coefficient, candidate.grams.manifest.grams[key].tokens,
-                               sum(c.grams.manifest.grams[key].tokens for c in candidates))
+def gram_scales(batch: SolveBatch, packed: torch.Tensor, candidate: Candidate, candidates: list[Candidate],
+                solve: SolveSettings) -> torch.Tensor:
+    """The candidate's factor on each of the batch's Gram sums (its packed (B, d(d+1)/2) values give the
+    traces that trace weighting divides by)."""
+    traces = packed[:, diagonal_positions(batch.dim, "cpu")].sum(-1, dtype=torch.float64).tolist() \
+        if solve.gram_weighting == "trace" else [None] * len(batch.groups)
+    manifest = candidate.stats.manifest
+    return torch.tensor([solve.gram_scale(candidate.coefficient, manifest.grams[group.key].tokens,
+                                          sum(c.stats.manifest.grams[group.key].tokens for c in candidates), trace)
+                         for group, trace in zip(batch.groups, traces)], dtype=torch.float64)
 
 
 # Rows of an averaged tensor are read and averaged in chunks of about this many elements: a large

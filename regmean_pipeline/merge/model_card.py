@@ -9,12 +9,8 @@ merge report, so a new method needs nothing here but config keys for its setting
 
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
 import json
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +18,10 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from regmean_pipeline.config import OPTION_KEYS, config_of
+from regmean_pipeline.config import config_of, option_keys
 from regmean_pipeline.io.atomic import replace_file
 from regmean_pipeline.io.weights import is_hub_id
+from regmean_pipeline.merge.methods.registry import METHODS, config_keys
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +31,6 @@ ACCURACY_BEGIN = "<!-- regmean-pipeline: accuracy (regmean eval rewrites this pa
 ACCURACY_END = "<!-- regmean-pipeline: end of accuracy -->"
 RUN_ONLY = frozenset({"device", "ranks"})  # report settings that say where a merge ran, not what it made
 FALLBACK_ROWS = 50  # longer lists stay in merge_report.json
-METHOD_TITLES = {
-    "regmean": "RegMean ([Jin et al., 2023](https://arxiv.org/abs/2212.09849)): each linear layer solved in "
-               "closed form from the candidates' input Gram matrices",
-    "regmean++": "RegMean++ ([Nguyen et al., 2025](https://arxiv.org/abs/2508.03121)): block by block, each "
-                 "block's linear layers solved in closed form from Grams measured on the hidden states the "
-                 "merged embeddings and merged blocks before it produce",
-    "average": "simple averaging of the parameters",
-    "task-arithmetic": "task arithmetic ([Ilharco et al., 2023](https://arxiv.org/abs/2212.04089)): the "
-                       "pretrained model plus the scaled sum of the candidates' task vectors",
-}
-
 # (pipeline tag, transformers' auto-class table listing the architectures with that head): most specific
 # first, since a class may sit in several tables (BartForConditionalGeneration: seq2seq and masked LM).
 HEAD_TABLES = (
@@ -63,13 +49,6 @@ HEAD_TABLES = (
     ("object-detection", "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES"),
     ("image-segmentation", "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING_NAMES"),
 )
-# class-name endings, for architectures the installed transformers does not list (a model's own code)
-HEAD_SUFFIXES = (
-    ("ForSequenceClassification", "text-classification"), ("ForTokenClassification", "token-classification"),
-    ("ForQuestionAnswering", "question-answering"), ("Seq2SeqLM", "text2text-generation"),
-    ("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"), ("ForMaskedLM", "fill-mask"),
-    ("ForImageClassification", "image-classification"),
-)
 
 TEMPLATE = """---
 {{ card_data }}
@@ -82,6 +61,9 @@ TEMPLATE = """---
 ## How it was merged
 
 Merged by `regmean merge` ({{ tool }}) with {{ method }}.
+{% if chosen_by %}
+{{ chosen_by }}
+{% endif %}
 To make the same model again, save this block as `merge.yaml` and run
 `regmean merge --config merge.yaml --out OUT` in the folder the merge ran in (paths are as they were
 given then; the candidates and caches must hold the same files: the fingerprints below).
@@ -106,167 +88,88 @@ given then; the candidates and caches must hold the same files: the fingerprints
 """ + ACCURACY_END + "\n"
 
 
+# Class-name endings that name the head: the tag without importing transformers' model tables (their
+# import costs about a second). Other names (ForConditionalGeneration, a bare ...Model) are looked up in
+# those tables. Two endings are shared with other modalities, told apart by the model's own files
+# (``folder_hints``): an audio classifier is a ForSequenceClassification with a feature extractor, a
+# multimodal causal LM has a vision config. None: an ending shared by several heads (XLM's causal, Flaubert's
+# masked LM head), looked up.
+HEAD_SUFFIXES = (
+    ("ForSequenceClassification", "text-classification"), ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"), ("Seq2SeqLM", "text2text-generation"),
+    ("ForCausalLM", "text-generation"), ("WithLMHeadModel", None), ("LMHeadModel", "text-generation"),
+    ("ForMaskedLM", "fill-mask"), ("ForImageClassification", "image-classification"),
+    ("ForAudioClassification", "audio-classification"), ("ForCTC", "automatic-speech-recognition"),
+    ("ForObjectDetection", "object-detection"),
+)
+
+
 def auto_table(name: str) -> Mapping[str, Any]:
-    """One of transformers' auto-class tables (model type -> class name or names) by its name.
+    """One of transformers' auto-class tables (model type -> class name or names) by its name."""
+    from transformers.models.auto import modeling_auto
 
-    Read from the source of ``transformers.models.auto.modeling_auto``, where each is a literal: importing
-    that module first imports ``transformers.models``, which scans all of its few hundred model folders
-    (0.3 to 0.75 s on a 2-core machine, longer than a small merge's solves). A table the source does not
-    hold as a literal is taken from the imported module.
-    """
-    table = _literal_auto_table(name)
-    if table is None:
-        from transformers.models.auto import modeling_auto
-
-        table = dict(getattr(modeling_auto, name, {}))
-    return table
+    return dict(getattr(modeling_auto, name, {}))
 
 
-@functools.cache
-def _literal_auto_table(name: str) -> dict[str, Any] | None:
-    node = _auto_table_node(name)
-    if node is None:
-        return None
-    table = _string_pairs(node)
-    if table is not None:
-        return table
-    try:
-        return dict(ast.literal_eval(node))
-    except (ValueError, TypeError, SyntaxError):  # built from other tables: left to the import
-        return None
-
-
-def _string_pairs(node: ast.expr) -> dict[str, str | tuple[str, ...]] | None:
-    """A list of ("type", "Class") or ("type", ("Class", ...)) pairs, read from its nodes directly: the
-    shape every table has, read several times faster than ``ast.literal_eval``'s general walk (0.14 s for
-    the tables a card needs); None for any other shape."""
-    if not isinstance(node, ast.List):
-        return None
-    table: dict[str, str | tuple[str, ...]] = {}
-    for pair in node.elts:
-        if not (isinstance(pair, ast.Tuple) and len(pair.elts) == 2 and isinstance(pair.elts[0], ast.Constant)):
-            return None
-        key, value = pair.elts[0].value, pair.elts[1]
-        if isinstance(value, ast.Constant) and isinstance(value.value, str):
-            table[key] = value.value
-        elif isinstance(value, ast.Tuple) and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
-                                                  for e in value.elts):
-            table[key] = tuple(e.value for e in value.elts)
-        else:
-            return None
-    return table
-
-
-def _auto_table_node(name: str) -> ast.expr | None:
-    """The argument of ``name = OrderedDict(...)`` in modeling_auto.py, unevaluated.
-
-    Only that statement is parsed: the whole 2800-line module took 0.11 s to parse, a tenth of a small
-    merge. Its text runs from the line that assigns ``name`` to the next line that starts another
-    top-level statement; should that cut not parse as the one assignment, the whole module is parsed."""
-    statement = _auto_table_statements().get(name)
-    if statement is not None:
-        try:
-            body = ast.parse(statement).body
-        except (SyntaxError, ValueError):
-            body = []
-        if len(body) == 1 and _mapping_assignment(body[0]) == name:
-            return body[0].value.args[0]
-    return _auto_table_nodes().get(name)
-
-
-def _mapping_assignment(node: ast.stmt) -> str | None:
-    """The target's name of a ``X_MAPPING_NAMES = OrderedDict(<one argument>)`` statement, else None."""
-    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
-            and node.targets[0].id.endswith("_MAPPING_NAMES") and isinstance(node.value, ast.Call) \
-            and len(node.value.args) == 1 and not node.value.keywords:
-        return node.targets[0].id
-    return None
-
-
-def _modeling_auto_source() -> str | None:
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        return (Path(spec.origin).parent / "models" / "auto" / "modeling_auto.py").read_text()
-    except (OSError, ValueError):
-        return None
-
-
-# A line that starts a top-level statement: it begins with a name or keyword (not a closing bracket, a
-# string, a comment or indentation, which continue or sit between statements).
-_TOP_LEVEL_START = re.compile(r"^[A-Za-z_@]", re.MULTILINE)
-
-
-@functools.cache
-def _auto_table_statements() -> dict[str, str]:
-    """The source text of every top-level ``X_MAPPING_NAMES = ...`` statement, by name (unparsed)."""
-    source = _modeling_auto_source()
-    if source is None:
-        return {}
-    starts = [match.start() for match in _TOP_LEVEL_START.finditer(source)] + [len(source)]
-    statements = {}
-    for begin, end in zip(starts, starts[1:]):
-        equals = source.find("=", begin, end)
-        head = source[begin:equals].strip() if equals >= 0 else ""
-        if head.endswith("_MAPPING_NAMES") and head.isidentifier():
-            statements[head] = source[begin:end]
-    return statements
-
-
-@functools.cache
-def _auto_table_nodes() -> dict[str, ast.expr]:
-    """The argument of every ``X_MAPPING_NAMES = OrderedDict(...)``, from a parse of the whole module."""
-    source = _modeling_auto_source()
-    try:
-        tree = ast.parse(source) if source is not None else None
-    except (SyntaxError, ValueError):
-        tree = None
-    if tree is None:
-        return {}
-    return {name: node.value.args[0] for node in tree.body if (name := _mapping_assignment(node)) is not None}
-
-
-def pipeline_tag_of(architecture: str | None) -> str | None:
-    """The hub's pipeline tag for a model class: its head decides (None when it is unknown)."""
+def pipeline_tag_of(architecture: str | None, *, audio: bool = False, multimodal: bool = False) -> str | None:
+    """The hub's pipeline tag for a model class: its head decides (None when it is unknown). ``audio``: the
+    model takes audio features; ``multimodal``: its config has a vision tower (``folder_hints``)."""
     if not architecture:
         return None
+    named = next((tag for suffix, tag in HEAD_SUFFIXES if architecture.endswith(suffix)), None)
+    if named is not None:
+        if audio and named == "text-classification":
+            return "audio-classification"
+        return "image-text-to-text" if multimodal and named == "text-generation" else named
+    bare = architecture.endswith(("Model", "ModelWithProjection"))
+    if bare and ("Vision" in architecture or "Text" in architecture):
+        return "image-feature-extraction" if "Vision" in architecture else "feature-extraction"
 
     def listed(table: str) -> bool:
-        for value in auto_table(table).values():
-            if architecture in ((value,) if isinstance(value, str) else value):
-                return True
-        return False
+        return any(architecture in ((value,) if isinstance(value, str) else value)
+                   for value in auto_table(table).values())
 
     for tag, table in HEAD_TABLES:
         if listed(table):
             return tag
-    for suffix, tag in HEAD_SUFFIXES:
-        if architecture.endswith(suffix):
-            return tag
-    if listed("MODEL_MAPPING_NAMES") or architecture.endswith(("Model", "ModelWithProjection")):
-        vision = "Vision" in architecture or listed("MODEL_FOR_IMAGE_MAPPING_NAMES")
-        return "image-feature-extraction" if vision else "feature-extraction"  # a bare encoder or tower
+    if bare or listed("MODEL_MAPPING_NAMES"):
+        return "image-feature-extraction" if listed("MODEL_FOR_IMAGE_MAPPING_NAMES") else "feature-extraction"
     return None
+
+
+def folder_hints(folder: Path) -> dict[str, bool]:
+    """What a model folder says of its inputs: audio features (a feature extractor, no tokenizer or image
+    processor) or a vision tower beside a language model."""
+    config, preprocessor = _json_object(Path(folder) / "config.json"), _json_object(Path(folder) / "preprocessor_config.json")
+    audio = "feature_extractor_type" in preprocessor and "image_processor_type" not in preprocessor \
+        and not (Path(folder) / "tokenizer_config.json").exists()
+    return {"audio": audio, "multimodal": "vision_config" in config}
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def architecture_in(folder: Path) -> str | None:
     """The first class of config.json's ``architectures``, if the folder says."""
-    try:
-        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures")
-    except (OSError, ValueError, AttributeError):
-        return None
+    architectures = _json_object(Path(folder) / "config.json").get("architectures")
     return architectures[0] if isinstance(architectures, list) and architectures else None
 
 
 def rerun_config(settings: dict[str, Any]) -> dict[str, Any]:
     """The report's settings as config keys: everything that decides the merged bytes, nothing about
     where the merge ran (device, processes)."""
+    keys = config_keys()
+    known = option_keys(keys)
     kept = {option: value for option, value in settings.items() if option not in RUN_ONLY}
-    missing = sorted(option for option in kept if option not in OPTION_KEYS)
+    missing = sorted(option for option in kept if option not in known)
     if missing:  # a setting no config key can give back: warn rather than fail a finished merge
         log.warning("model card: settings %s have no config key; its config block will not give them back", missing)
-    return config_of({option: value for option, value in kept.items() if option not in missing})
+    return config_of({option: value for option, value in kept.items() if option not in missing}, keys)
 
 
 def build_card(report: dict[str, Any], *, model_name: str, pipeline_tag: str | None,
@@ -292,17 +195,17 @@ def build_card(report: dict[str, Any], *, model_name: str, pipeline_tag: str | N
     return ModelCard.from_template(
         data, template_str=TEMPLATE, model_name=model_name, summary=_summary(report, candidate),
         tool=report.get("tool", TOOL),
-        method=METHOD_TITLES.get(settings["method"], f"the {settings['method']} method"),
+        method=METHODS[settings["method"]].title if settings["method"] in METHODS else f"the {settings['method']} method",
         config=f"# {where}; another device type may round differently\n"
                + yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
         candidates=[_candidate_row(c) for c in candidates],
-        fallback=_fallback(report), accuracy=_accuracy_table([]),
+        fallback=_fallback(report), accuracy=_accuracy_table([]), chosen_by=report.get("chosen_by"),
     )
 
 
 def write_card(folder: Path, report: dict[str, Any], *, model_name: str, candidate: str | None = None) -> Path:
     """Build the card of the model in ``folder`` (its head from config.json) and write folder/README.md."""
-    card = build_card(report, model_name=model_name, pipeline_tag=pipeline_tag_of(architecture_in(folder)),
+    card = build_card(report, model_name=model_name, pipeline_tag=pipeline_tag_of(architecture_in(folder), **folder_hints(folder)),
                       candidate=candidate)
     path = Path(folder) / CARD_NAME
     replace_file(path, str(card))

@@ -25,25 +25,24 @@ from regmean_pipeline.io.weights import WeightSource, fingerprint
 
 log = logging.getLogger(__name__)
 
-GRAM_WEIGHTINGS = ("equal", "tokens")
-METHODS = ("regmean", "regmean++", "average", "task-arithmetic")
-DATALESS = ("average", "task-arithmetic")  # baselines that need no Grams (baselines.py)
-BLOCKWISE = "regmean++"  # measures its Grams block by block while it merges (plusplus/): no caches
+GRAM_WEIGHTINGS = ("equal", "tokens", "trace")
 
 
-class GramSource(Protocol):
-    """A candidate's Grams: the manifest plus packed Gram sums on demand (a cache folder, or memory)."""
+class StatsSource(Protocol):
+    """A candidate's measured statistics: the manifest plus each stored array on demand (a cache folder,
+    its shards, or memory)."""
 
     manifest: Manifest
 
-    def read_packed(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The packed upper triangle of the Gram sum (into ``out``, of the accumulation dtype, when given)."""
+    def read(self, statistic: str, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """One stored array of a statistic, flat (a Gram's packed upper triangle; a Fisher's values), into
+        ``out`` (of the accumulation dtype) when given."""
 
 
 @dataclass
 class Candidate:
     name: str
-    grams: GramSource | None  # None only for the dataless baselines
+    stats: StatsSource | None  # None for the methods that read no statistics
     weights: WeightSource
     coefficient: float = 1.0
     model_dir: Path | None = None
@@ -52,17 +51,14 @@ class Candidate:
 
 
 @dataclass
-class MergeSettings:
+class SolveSettings:
+    """RegMean's closed-form solve of every linear layer (merge/systems.py, merge/solve.py)."""
+
     reduce_non_diagonal_ratio: float = 0.95
     gram_weighting: str = "equal"
-    exclude: list[str] = field(default_factory=list)
     solve_dtype: torch.dtype = torch.float32
-    batch_bytes: int = 1 << 30  # bound on one solve batch's working memory
-    method: str = "regmean"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise RegMeanError(f"--method: {self.method!r} is not one of {', '.join(METHODS)}")
         if not 0.0 <= self.reduce_non_diagonal_ratio <= 1.0:
             raise RegMeanError(f"--reduce-non-diagonal-ratio: must lie in [0, 1], got {self.reduce_non_diagonal_ratio}")
         if self.gram_weighting not in GRAM_WEIGHTINGS:
@@ -70,10 +66,23 @@ class MergeSettings:
         if self.solve_dtype not in (torch.float32, torch.float64):
             raise RegMeanError(f"--solve-dtype: must be float32 or float64, got {self.solve_dtype}")
 
-    def gram_scale(self, coefficient: float, own_tokens: int, all_tokens: int) -> float:
+    def gram_scale(self, coefficient: float, own_tokens: int, all_tokens: int, trace: float | None = None) -> float:
         """A candidate's factor on its Gram sum: equal weighting divides each sum by its own token count
-        (FusionBench's mean); tokens weighting, by the total of every candidate's."""
+        (FusionBench's mean); tokens weighting, by the total of every candidate's; trace weighting, by the
+        sum's trace, so that each candidate weighs the same in every layer whatever its activations' scale
+        (``trace`` is needed then; a zero trace, inputs that were all zero, counts as 1)."""
+        if self.gram_weighting == "trace":
+            return coefficient / (trace or 1.0)
         return coefficient / (all_tokens if self.gram_weighting == "tokens" else own_tokens)
+
+
+@dataclass
+class MergeSettings:
+    exclude: list[str] = field(default_factory=list)
+    batch_bytes: int = 1 << 30  # bound on one solve batch's working memory
+    solve: SolveSettings | None = None  # None: no layer is solved (the method combines every parameter)
+    statistic: str | None = None  # what every candidate's cache must hold ("gram" when solving)
+    method: str = "regmean"  # for messages
 
 
 @dataclass
@@ -140,12 +149,9 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
             raise RegMeanError(f"candidate {candidate.name}: coefficient must be positive, got {candidate.coefficient}")
     first = candidates[0]
     excluded = exclusion(settings.exclude)
-    regmean = settings.method == "regmean"
-    if regmean:
+    if settings.statistic is not None:
         for candidate in candidates:
-            if candidate.grams is None:
-                raise RegMeanError(f"candidate {candidate.name}: has no Gram cache; RegMean needs one per candidate "
-                                   "(run `regmean stats`), only --method average/task-arithmetic do without")
+            check_statistic(candidate, settings.statistic, settings.method)
         _check_models(candidates, check_fingerprints)
     names = first.weights.names()
     _check_parameters(candidates, names, excluded)
@@ -155,7 +161,8 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
         if name not in copy_source.names():
             raise RegMeanError(f"--base {copy_source.reference}: has no parameter {name}, which is excluded from the merge")
 
-    groups, unsolved = _gram_groups(candidates, names, excluded) if regmean else ([], {})
+    solving = settings.solve is not None and settings.statistic == "gram"  # (RegMean++ solves per block itself)
+    groups, unsolved = _gram_groups(candidates, names, excluded) if solving else ([], {})
     solved = {layer.weight for group in groups for _, layer in group.layers}
     averaged = [name for name in names if name not in solved and not excluded(name)]
     outputs = [TensorSpec(name, (copy_source if excluded(name) else first.weights).dtype(name),
@@ -166,6 +173,19 @@ def plan_merge(candidates: list[Candidate], settings: MergeSettings, *, base: We
     return plan
 
 
+def check_statistic(candidate: Candidate, statistic: str, method: str) -> None:
+    """The candidate's cache must hold the statistic the method reads; say what to run when it does not."""
+    held = candidate.stats.manifest.statistics if candidate.stats is not None else []
+    if statistic in held:
+        return
+    command = "regmean stats" + ("" if statistic == "gram" else f" --statistics {','.join([*held, statistic])}")
+    if candidate.stats is None:
+        raise RegMeanError(f"candidate {candidate.name}: has no stats cache; --method {method} needs one per "
+                           f"candidate holding its {statistic} statistic (run `{command}`)")
+    raise RegMeanError(f"candidate {candidate.name}: its cache {candidate.where} holds {', '.join(held)} but not "
+                       f"{statistic}, which --method {method} reads; run `{command}` for it")
+
+
 def check_candidate_name(name: str) -> None:
     """Candidate names end up in reports and file names: plain names only, never a path."""
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
@@ -174,13 +194,13 @@ def check_candidate_name(name: str) -> None:
 
 def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None:
     first = candidates[0]
-    architecture = first.grams.manifest.model["architecture"]
+    architecture = first.stats.manifest.model["architecture"]
     for candidate in candidates:
-        manifest = candidate.grams.manifest
+        manifest = candidate.stats.manifest
         if manifest.model["architecture"] != architecture:
             raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): architecture "
                                f"{manifest.model['architecture']}, but {first.name} is {architecture}")
-        theirs, ours = manifest.model.get("config"), first.grams.manifest.model.get("config")
+        theirs, ours = manifest.model.get("config"), first.stats.manifest.model.get("config")
         for key in sorted(theirs.keys() & ours.keys()) if isinstance(theirs, dict) and isinstance(ours, dict) else []:
             if theirs[key] != ours[key]:
                 raise RegMeanError(f"candidate {candidate.name} ({candidate.where}): {key} = {theirs[key]!r}, but "
@@ -190,7 +210,7 @@ def _check_models(candidates: list[Candidate], check_fingerprints: bool) -> None
             if found != manifest.model["fingerprint"]:
                 raise RegMeanError(f"candidate {candidate.name}: the Grams in {candidate.where} were computed on other "
                                    f"weights than {candidate.weights.reference} (fingerprint mismatch)")
-        if manifest.include_padding != first.grams.manifest.include_padding:
+        if manifest.include_padding != first.stats.manifest.include_padding:
             log.warning("candidate %s counted padding (include_padding=%s) unlike %s", candidate.name,
                         manifest.include_padding, first.name)
 
@@ -217,10 +237,10 @@ def _check_parameters(candidates: list[Candidate], names: list[str], excluded) -
 
 def _gram_groups(candidates: list[Candidate], names: list[str], excluded) -> tuple[list[GramGroup], dict[str, str]]:
     first = candidates[0]
-    layers = first.grams.manifest.layers
+    layers = first.stats.manifest.layers
     available = set(names)
     for candidate in candidates[1:]:
-        theirs = candidate.grams.manifest.layers
+        theirs = candidate.stats.manifest.layers
         for name in layers.keys() | theirs.keys():
             if name not in theirs or name not in layers:
                 holder, lacker = (first, candidate) if name not in theirs else (candidate, first)
@@ -245,11 +265,11 @@ def _gram_groups(candidates: list[Candidate], names: list[str], excluded) -> tup
             if shape != _weight_shape(layer):
                 raise RegMeanError(f"candidate {candidate.name}: layer {name}: weight shape {list(shape)} does not "
                                    f"match the Gram's layer ({layer.in_features} inputs, {layer.out_features} outputs)")
-            tokens = candidate.grams.manifest.grams[layer.gram].tokens
+            tokens = candidate.stats.manifest.grams[layer.gram].tokens
             if tokens == 0:
                 raise RegMeanError(f"candidate {candidate.name}: layer {name}: its Gram {layer.gram} saw no tokens")
         grouped[layer.gram].append((name, layer))
-    groups = [GramGroup(key, first.grams.manifest.grams[key].dim, members) for key, members in grouped.items()]
+    groups = [GramGroup(key, first.stats.manifest.grams[key].dim, members) for key, members in grouped.items()]
     return groups, unsolved
 
 
@@ -279,7 +299,7 @@ def solve_batches(groups: list[GramGroup], settings: MergeSettings) -> list[Solv
         by_shape[(group.dim, group.width)].append(group)
     batches = []
     for (dim, width), members in by_shape.items():
-        per_system = system_bytes(dim, width, settings.solve_dtype)
+        per_system = system_bytes(dim, width, settings.solve.solve_dtype)
         size = max(1, settings.batch_bytes // per_system)
         for start in range(0, len(members), size):
             batches.append(SolveBatch(dim, width, members[start:start + size]))

@@ -184,6 +184,24 @@ class SystemSums:
             self._ensure_started()
         return [self.packed_sum, self.rhs, self.target]
 
+    @classmethod
+    def blend(cls, full: SystemSums, diagonal: SystemSums, ratio: float) -> SystemSums:
+        """The sums at ``reduce_non_diagonal_ratio`` = ``ratio``, from the same candidates added at 1 and at 0.
+
+        R is linear in a (R(a) = a R(1) + (1 - a) R(0)) and S, T and the anchor do not depend on it, so a
+        sweep over a adds every candidate twice and solves each a from these, without reading any
+        candidate again. ``full`` and ``diagonal`` are left as they are (the result holds copies)."""
+        blended = cls(full.count, full.dim, full.width, dtype=full.dtype, device=full.device,
+                      reduce_non_diagonal_ratio=ratio, sum_dtype=full.sum_dtype)
+        full._ensure_started()
+        diagonal._ensure_started()
+        blended.anchor = full.anchor.clone()
+        blended.packed_sum = full.packed_sum.clone()
+        blended.rhs = torch.add(full.rhs * ratio, diagonal.rhs, alpha=1.0 - ratio)
+        blended.target = full.target.clone()
+        blended.noise = max(full.noise, diagonal.noise)
+        return blended
+
     def solve(self, noise: float | None = None) -> SolveResult:
         """anchor + A^-1 R for every system (``solve.solve_batch``: Cholesky, float64 redo, ridge fallback),
         as (B, d, width) in the anchor's own memory and layout."""

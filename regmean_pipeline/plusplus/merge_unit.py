@@ -105,13 +105,15 @@ def _solve_batch(batch: SolveBatch, candidates: list[UnitCandidate], grams: dict
                  local: list[int], settings: MergeSettings, device: torch.device, collective: Collective,
                  total_tokens: dict[str, int], coefficient_sum: float, owner: int,
                  report: dict[str, dict]) -> torch.Tensor:
-    sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=settings.solve_dtype, device=device,
-                      reduce_non_diagonal_ratio=settings.reduce_non_diagonal_ratio, sum_dtype=torch.float64)
+    solve = settings.solve
+    sums = SystemSums(len(batch.groups), batch.dim, batch.width, dtype=solve.solve_dtype, device=device,
+                      reduce_non_diagonal_ratio=solve.reduce_non_diagonal_ratio, sum_dtype=torch.float64)
     sums.set_anchor(stack_weights(batch, candidates[0].weights))
     for index in local:
         stats, candidate = grams[index], candidates[index]
         packed = torch.stack([pack_upper(stats.sums[group.key]) for group in batch.groups])
-        scales = torch.tensor([settings.gram_scale(candidate.coefficient, stats.tokens[g.key], total_tokens[g.key])
+        scales = torch.tensor([solve.gram_scale(candidate.coefficient, stats.tokens[g.key], total_tokens[g.key],
+                                                float(stats.sums[g.key].diagonal().sum(dtype=torch.float64)))
                                for g in batch.groups], dtype=torch.float64)
         if index == 0:
             sums.add(packed, scales)
@@ -124,7 +126,7 @@ def _solve_batch(batch: SolveBatch, candidates: list[UnitCandidate], grams: dict
         result = sums.solve()
         solution, entries = result.solution, solve_report(batch, result)
     else:
-        solution = torch.empty(len(batch.groups), batch.dim, batch.width, dtype=settings.solve_dtype, device=device)
+        solution = torch.empty(len(batch.groups), batch.dim, batch.width, dtype=solve.solve_dtype, device=device)
         entries = None
     collective.broadcast_(solution, owner)
     if collective.world > 1:

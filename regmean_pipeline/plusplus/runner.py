@@ -30,7 +30,7 @@ from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.measure.gram import ROW_MASK_KEY, GramAccumulator, GramStats, batch_size_of, model_inputs
 from regmean_pipeline.measure.linear import LinearLayer, find_linear_layers
 from regmean_pipeline.measure.models import check_finite_parameters, tied_parameter_names
-from regmean_pipeline.merge.plan import MergeSettings, exclusion
+from regmean_pipeline.merge.plan import MergeSettings, SolveSettings, exclusion
 from regmean_pipeline.plusplus.activations import ActivationStore
 from regmean_pipeline.plusplus.block_calls import StackDriver, probe_output
 from regmean_pipeline.plusplus.collective import Collective
@@ -55,7 +55,7 @@ class BlockwiseCandidate:
 
 @dataclass
 class BlockwiseSettings:
-    merge: MergeSettings = field(default_factory=MergeSettings)
+    merge: MergeSettings = field(default_factory=lambda: MergeSettings(solve=SolveSettings()))
     forward_dtype: torch.dtype = torch.float32
     accumulate_dtype: torch.dtype = torch.float32
     include_padding: bool = False

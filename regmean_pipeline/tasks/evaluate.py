@@ -6,8 +6,13 @@ predictions are put back in the data's order.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import transformers
 from tqdm.auto import tqdm
+
+from regmean_pipeline.errors import RegMeanError
 
 
 @torch.inference_mode()
@@ -35,3 +40,16 @@ def accuracy(model: torch.nn.Module, tokenizer, data, **kwargs) -> dict:
     predicted = predict(model, tokenizer, columns["text"], **kwargs)
     correct = int((predicted == torch.tensor(columns["label"])).sum())
     return {"accuracy": correct / len(data), "correct": correct, "total": len(data)}
+
+
+def load_classifier(folder: Path, task, device: torch.device):
+    """A complete model folder, through AutoModelForSequenceClassification, checked against the task's labels."""
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise RegMeanError(f"{folder}: cannot load as a sequence classifier ({str(exc).splitlines()[0]})") from None
+    if model.config.num_labels != task.num_labels:
+        raise RegMeanError(f"{folder}: has {model.config.num_labels} labels but task {task.name} ({task.folder}) has "
+                           f"{task.num_labels}")
+    return model.to(device).eval(), tokenizer

@@ -38,6 +38,7 @@ class FinetuneSettings:
     max_length: int = 64
     seed: int = 0
     freeze: list[str] = field(default_factory=list)  # re.match on parameter names kept at the base's values
+    validation_fraction: float = 0.0  # rows of train.jsonl held out as the task's validation split (tasks/validation.py)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length"):
@@ -47,9 +48,15 @@ class FinetuneSettings:
             raise RegMeanError(f"--learning-rate: must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise RegMeanError(f"--warmup-ratio: must lie in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.validation_fraction < 1:
+            raise RegMeanError(f"--validation-fraction: must lie in [0, 1), got {self.validation_fraction}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as recorded; a recipe without a validation split is recorded as before it existed."""
+        recipe = asdict(self)
+        if not self.validation_fraction:
+            del recipe["validation_fraction"]
+        return recipe
 
 
 def default_base_model() -> Path:

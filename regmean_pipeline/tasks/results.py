@@ -6,8 +6,13 @@ loss of the responses, lower is better). Averages are taken per metric.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHARTS_INSTALL = "pip install 'regmean-pipeline[charts]'"  # matplotlib is an extra: the chart is optional
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,20 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_scores(results: dict, path: Path | str, title: str = "Test accuracy per task") -> Path:
-    """Grouped bars, one panel per metric: one group per task (and the average), one bar per method."""
-    import matplotlib
+def plot_scores(results: dict, path: Path | str, title: str = "Test accuracy per task") -> Path | None:
+    """Grouped bars, one panel per metric: one group per task (and the average), one bar per method.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Without matplotlib (the `charts` extra) no chart is drawn: one warning names it, and None is returned."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        reason = ("matplotlib is not installed" if exc.name == "matplotlib"
+                  else f"matplotlib cannot be imported ({str(exc).splitlines()[0]})")
+        log.warning("%s not drawn: %s (%s)", Path(path).name, reason, CHARTS_INSTALL)
+        return None
 
     metrics = list(dict.fromkeys(metric_of(task) for task in results["tasks"]))
     methods = list(results["methods"])

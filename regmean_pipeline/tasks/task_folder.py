@@ -16,15 +16,20 @@ from pathlib import Path
 
 from regmean_pipeline.errors import RegMeanError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # every task has them; a score or a candidate is tied to them by checksum
+VALIDATION = "validation"  # optional: what `regmean sweep` scores (`regmean finetune --validation-fraction`)
 LABELS_FILE = "labels.json"
 TASK_FILE = "task.json"
 
 
 def _split_file(task, split: str) -> Path:
-    if split not in SPLITS:
-        raise RegMeanError(f"task {task.name}: unknown split {split!r} (splits: {', '.join(SPLITS)})")
-    return task.folder / f"{split}.jsonl"
+    if split not in (*SPLITS, VALIDATION):
+        raise RegMeanError(f"task {task.name}: unknown split {split!r} (splits: {', '.join((*SPLITS, VALIDATION))})")
+    path = task.folder / f"{split}.jsonl"
+    if split == VALIDATION and not path.is_file():
+        raise RegMeanError(f"task {task.name}: no {path.name} in {task.folder}; `regmean finetune "
+                           "--validation-fraction F` holds rows out of training and writes one")
+    return path
 
 
 def _checksum(files: list[Path]) -> str:

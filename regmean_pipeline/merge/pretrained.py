@@ -1,24 +1,13 @@
-"""The dataless baselines RegMean is compared with, on the merge's own plan, streaming and writer.
-
-- average: every merged parameter is the (coefficient-weighted) mean of the candidates', anchored at
-  the first (averaging.anchored_mean, the same function RegMean uses for non-linear parameters).
-- task arithmetic (Ilharco et al., 2023): theta = theta_pre + lambda * sum_i c_i (theta_i - theta_pre),
-  with FusionBench's default lambda = 0.3.
-
-Neither needs Grams, so neither needs `regmean stats`.
-"""
+"""The pretrained model the candidates were fine-tuned from (``--pretrained``), addressed by the
+candidates' parameter names: the starting point of every task-vector method."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from regmean_pipeline.errors import RegMeanError
 from regmean_pipeline.io.weights import WeightSource
 from regmean_pipeline.merge.plan import Candidate
-
-DEFAULT_SCALING = 0.3  # FusionBench's task-arithmetic default
 
 
 class PretrainedWeights:
@@ -69,20 +58,5 @@ class PretrainedWeights:
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.name_for(name))
 
-
-def task_arithmetic(candidates: list[Candidate], pretrained: PretrainedWeights,
-                    scaling: float) -> Callable[[str], torch.Tensor]:
-    """A per-parameter combiner for the executor: theta_pre + scaling * sum_i c_i (theta_i - theta_pre)."""
-
-    def combine(name: str) -> torch.Tensor:
-        first = candidates[0].weights.get(name)
-        if not first.is_floating_point():
-            return first  # integer buffers (position ids), as averaging does
-        accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
-        base = pretrained.get(name).to(accumulate)
-        total = base.clone()
-        for candidate in candidates:
-            total.add_(candidate.weights.get(name).to(accumulate) - base, alpha=scaling * candidate.coefficient)
-        return total.to(first.dtype)
-
-    return combine
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.source.rows(self.name_for(name), start, stop)

@@ -1,0 +1,1 @@
+"""Merge methods, one module each, found by name in the registry."""
