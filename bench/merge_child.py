@@ -237,7 +237,13 @@ def run_fusionbench_fisher(spec: dict) -> dict:
             "save_s": finished - merged_at, "rss_after_imports": imported, "without_fisher": len(passed)}
 
 
-SPEC_MODES = {"method": run_method, "fusionbench-ties": run_fusionbench_ties, "fusionbench-dare": run_fusionbench_dare,
+def run_regmean_points(spec: dict) -> dict:
+    from bench.sweep import run_points
+
+    return run_points(spec)
+
+
+SPEC_MODES = {"method": run_method, "regmean-points": run_regmean_points, "fusionbench-ties": run_fusionbench_ties, "fusionbench-dare": run_fusionbench_dare,
               "fusionbench-fisher": run_fusionbench_fisher}
 
 

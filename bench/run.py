@@ -38,7 +38,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from bench import methods, plusplus
+from bench import methods, plusplus, sweep
 from bench.fixtures import (
     FusionBenchStyleStats,
     TimedGrams,
@@ -246,7 +246,7 @@ def float64_check(caches: Path, ours: Path, theirs: Path, names: list[str]) -> t
     return ours_errors, theirs_errors
 
 
-PARTS = ("stats", "regmean", "plusplus", "doubling", "methods")
+PARTS = ("stats", "regmean", "plusplus", "doubling", "methods", "sweep")
 
 
 def measure(work: Path, sizes: Sizes, parts: tuple[str, ...] = PARTS) -> dict:
@@ -267,7 +267,7 @@ def measure(work: Path, sizes: Sizes, parts: tuple[str, ...] = PARTS) -> dict:
             task = text_task(work / f"{name}_stats_task.jsonl", n=examples, seed=1)
             results[f"stats_{name}"] = stats_passes(base, task, examples, sizes)
 
-    if {"regmean", "plusplus", "methods"} & set(parts):
+    if {"regmean", "plusplus", "methods", "sweep"} & set(parts):
         log.info("candidates: MiniLM x5")
         minilm_caches = make_candidates(minilm, work / "minilm", 5, sizes.candidate_examples_minilm, sizes, "minilm")
         log.info("candidates: Llama-shaped x4")
@@ -301,6 +301,9 @@ def measure(work: Path, sizes: Sizes, parts: tuple[str, ...] = PARTS) -> dict:
 
     if "methods" in parts:
         results["methods"] = methods.measure(work, minilm, llama_base, llama_root, sizes)
+    if "sweep" in parts:
+        log.info("sweep: 6 RegMean points read once vs 6 merges")
+        results["sweep"] = sweep.compare(minilm_caches, work / "sweep", sizes.merge_rounds, "MiniLM-L6")
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -376,6 +379,7 @@ def table(results: dict) -> str:
             f"{dense / 2**20:.1f}", f"{disk / dense:.2f}x", "<= 0.55x", disk / dense <= 0.55)
     if "methods" in results:
         rows += methods.rows(results["methods"])
+    rows += sweep.rows(results.get("sweep"))
 
     return markdown_table(("measurement", "ours", "reference", "ratio", "target", "met"), rows)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,11 +193,13 @@ class RegMean:
 
     def _batches(self, name: str, model: nn.Module, source: Any, preprocessors: Any) -> Iterator[dict]:
         """The first num_regmean_examples examples of ``source`` as model-ready batches."""
-        import datasets
-
         if isinstance(source, (list, tuple)) and source and isinstance(source[0], str):
+            import datasets
+
             source = datasets.Dataset.from_dict({"text": list(source)})
-        if isinstance(source, datasets.Dataset):
+        # A datasets.Dataset was made by an imported datasets; batches already tokenized need none.
+        datasets = sys.modules.get("datasets")
+        if datasets is not None and isinstance(source, datasets.Dataset):
             preprocessor = preprocessors.get(name) if isinstance(preprocessors, Mapping) else preprocessors
             if preprocessor is None:
                 raise RegMeanError(f"data[{name!r}] is raw examples: pass preprocessors= (a tokenizer or image processor)")

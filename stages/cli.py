@@ -36,11 +36,14 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     for name in ("regmean_pipeline", "stages"):
         logging.getLogger(name).setLevel(level)
     if quiet:
-        import datasets
         import transformers
 
-        datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+        try:  # a machine that only merges (a GPU box without datasets) has no data-loading bars to silence
+            import datasets
+        except ImportError:
+            return
+        datasets.disable_progress_bars()
 
 
 def _close_progress_bars() -> None:
@@ -287,7 +290,7 @@ def sweep(
     pretrained: Annotated[Optional[str], typer.Option(help="The model the candidates were fine-tuned from (adds the task-vector methods to the default grid).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Regex (re.match) of parameter names left out of every merge (repeatable); each task's own head for classifiers.")] = None,
     dataset: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH: candidate NAME's examples, for the points that read data while merging (adds regmean++ to the default grid).")] = None,
-    objective: Annotated[str, typer.Option(help="normalized: the mean over tasks of the merged score relative to the task's own candidate; mean: the plain mean score.")] = "normalized",
+    objective: Annotated[str, typer.Option(help="normalized: each task's merged score relative to its own candidate's (accuracy merged/own, loss own/merged), their geometric mean; arithmetic: their arithmetic mean; mean: the plain mean score.")] = "normalized",
     score_test: Annotated[bool, typer.Option(help="Also score every point on the tasks' test splits, for reporting (the choice reads only validation).")] = False,
     eval_batch_size: Annotated[int, typer.Option(help="Examples per forward pass when scoring.")] = 64,
     eval_max_length: Annotated[int, typer.Option(help="Truncate texts to this many tokens when scoring.")] = 64,

@@ -213,7 +213,9 @@ def _scored_points(points: list[Point], context: _Context, book: SweepBook, own:
             run_merge(_merge_options(context, points[i].method, points[i].params, folder, progress=False))
             _score_point(points[i], keys[i], folder, context, book, own)
             bar.update()
-    return [book.earlier(key) for key in keys]
+    # the objective from the recorded scores: a rerun with another --objective needs no merge
+    return [{**book.earlier(key), "objective": objective_value(book.earlier(key)["validation"], own["validation"],
+                                                              context.options.objective)} for key in keys]
 
 
 def _score_point(point: Point, key: str, folder: Path, context: _Context, book: SweepBook, own: dict) -> None:
@@ -225,8 +227,7 @@ def _score_point(point: Point, key: str, folder: Path, context: _Context, book: 
         if context.test:
             test[task.name] = _score(context, task, context.test[task.name], model_folder, folder,
                                      f"{point.method}/{task.name} (test)")
-    value = objective_value(validation, own["validation"], context.options.objective)
-    book.record(point, key, {"validation": validation, "objective": value, **({"test": test} if test else {})})
+    book.record(point, key, {"validation": validation, **({"test": test} if test else {})})
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -95,6 +95,24 @@ def test_per_example_classifier_fisher_equals_one_example_at_a_time(kind, whole_
         assert_close_fisher(stats.sums, expected, rtol)
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama", "llama_causal"])
+@pytest.mark.parametrize("estimator", ["per-example", "batch"])
+def test_grams_read_from_the_fishers_forward_equal_a_gram_pass(kind, estimator):
+    """With the Fisher, the Gram hooks read the Fisher's own forward (one forward per batch): the sums,
+    token counts and examples are those of a Gram-only pass, bit for bit."""
+    from regmean_pipeline.measure.gram import collect_grams
+
+    model = make_model(kind, seed=5)
+    batches = [batch_of(model, [7, 4, 6, 2], seed=1), batch_of(model, [3, 5], seed=2)]
+    alone = collect_grams(model, batches, device="cpu")
+    fisher = FisherAccumulator(model, estimator=estimator)
+    both = collect_grams(model, batches, device="cpu", fisher=fisher)
+    assert both.examples == alone.examples == fisher.examples == 6 and both.tokens == alone.tokens
+    assert set(both.sums) == set(alone.sums) and both.layer_grams == alone.layer_grams
+    for key in alone.sums:
+        assert torch.equal(both.sums[key], alone.sums[key]), key
+
+
 def test_per_example_lm_fisher_counts_only_the_counted_tokens():
     model = make_model("llama_causal", seed=4).double()
     batch = batch_of(model, [9, 5, 7], seed=3)

@@ -82,8 +82,8 @@ def test_a_sweep_chooses_on_validation_and_publishes_the_best(setup, cli, tmp_pa
     for point in result["points"]:
         assert set(point["validation"]) == set(tasks) and set(point["test"]) == set(tasks)
         own = result["individual_validation"]
-        expected = np.mean([point["validation"][t]["accuracy"] / own[t]["accuracy"] for t in tasks])
-        assert point["objective"] == pytest.approx(expected)
+        ratios = [point["validation"][t]["accuracy"] / own[t]["accuracy"] for t in tasks]
+        assert point["objective"] == pytest.approx(np.exp(np.mean(np.log(ratios))))  # their geometric mean
         assert point["validation"]["alpha"]["total"] == result["validation"]["alpha"]["rows"]
     best = result["best"]
     assert result["points"][best]["objective"] == max(p["objective"] for p in result["points"])
@@ -217,3 +217,21 @@ def test_tasks_without_validation_overlapping_or_with_other_labels_are_refused(s
     labels = json.loads((copies["beta"] / "labels.json").read_text())
     (copies["beta"] / "labels.json").write_text(json.dumps({**labels, "labels": ["x", "y"]}))
     refused("has 3 labels but task beta", copies)
+
+
+def test_the_normalized_objective_does_not_reward_keeping_one_task_and_losing_the_others():
+    """Loss ratios own/merged are at most 1 and near 0 for a lost task: their arithmetic mean prefers a merge
+    that keeps one task, their geometric mean (the default) the one that keeps all of them somewhat."""
+    from regmean_pipeline.errors import RegMeanError
+    from regmean_pipeline.sweep.objective import objective_value
+
+    own = {t: {"loss": 0.2} for t in ("a", "b", "c")}
+    lopsided = {"a": {"loss": 0.25}, "b": {"loss": 8.0}, "c": {"loss": 8.0}}
+    balanced = {"a": {"loss": 1.5}, "b": {"loss": 1.5}, "c": {"loss": 1.5}}
+    assert objective_value(lopsided, own, "arithmetic") > objective_value(balanced, own, "arithmetic")
+    assert objective_value(balanced, own, "normalized") > objective_value(lopsided, own, "normalized")
+    assert objective_value(balanced, own, "mean") == pytest.approx(-1.5)
+    accuracy = {"a": {"accuracy": 0.9}}
+    assert objective_value(accuracy, {"a": {"accuracy": 0.9}}, "normalized") == pytest.approx(1.0)
+    with pytest.raises(RegMeanError, match="--objective"):
+        objective_value(accuracy, {"a": {"accuracy": 0.0}}, "normalized")

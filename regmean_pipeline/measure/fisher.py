@@ -17,9 +17,11 @@ them like Grams.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +73,7 @@ class FisherAccumulator:
         self._causal: bool | None = None
         self._whole_model_vmap = False  # per-module hooks unless a module sees a batch-shared input
         self._positions: bool | None = None  # whether explicit position ids reproduce the model's own
+        self._observe: Callable[[], AbstractContextManager] | None = None
 
     def restore(self, stats: FisherStats, device: torch.device | str) -> None:
         unknown = sorted(set(stats.sums) - set(self.parameters))
@@ -85,18 +88,37 @@ class FisherAccumulator:
     def result(self) -> FisherStats:
         return self.snapshot()
 
-    def add(self, batch: Mapping[str, torch.Tensor], counted_rows: torch.Tensor | None = None) -> None:
-        """Add one batch (model inputs on the model's device; ``counted_rows``: the tokens that count)."""
+    def add(self, batch: Mapping[str, torch.Tensor], counted_rows: torch.Tensor | None = None, *,
+            observe: Callable[[], AbstractContextManager] | None = None) -> None:
+        """Add one batch (model inputs on the model's device; ``counted_rows``: the tokens that count).
+        ``observe``: a context entered around this batch's one forward pass over the whole batch (the Gram
+        hooks, so that both statistics come from one forward)."""
         size = len(next(iter(batch.values())))
+        self._observe = observe
         if self.estimator == "batch":
             self._add_batch_gradient(batch, counted_rows)
         else:
             self._add_per_example(batch, counted_rows)
         self.examples += size
-        for name, total in self.sums.items():
-            if not torch.isfinite(total).all():
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        # A sum of squares is finite exactly when each of them is: one reduction per parameter, one sync.
+        if not self.sums:
+            return
+        totals = torch.stack([total.sum(dtype=torch.float64) for total in self.sums.values()])
+        if bool(torch.isfinite(totals).all()):
+            return
+        for name, finite in zip(self.sums, torch.isfinite(totals).tolist()):
+            if not finite:
                 raise RegMeanError(f"parameter {name}: its Fisher sum overflowed or holds NaN; try --dtype float32 "
                                    "or --accumulate-dtype float64")
+
+    def _forward(self, inputs: Mapping[str, torch.Tensor]):
+        """The model on the whole batch; the first such forward of a batch runs inside ``observe``."""
+        observe, self._observe = self._observe, None
+        with observe() if observe is not None else contextlib.nullcontext():
+            return self.model(**inputs)
 
     def _logits(self, output) -> torch.Tensor:
         """The forward's logits, checked: present and finite; the first ones tell the kind of model."""
@@ -133,7 +155,7 @@ class FisherAccumulator:
     def _add_batch_gradient(self, batch, counted_rows) -> None:
         names = list(self.parameters)
         with gradients_enabled(self.parameters):
-            logits = _widened(self._logits(self.model(**batch)))
+            logits = _widened(self._logits(self._forward(batch)))
             objective = self._batch_objective(logits, batch, counted_rows)
             gradients = torch.autograd.grad(objective, [self.parameters[n] for n in names], allow_unused=True)
         for name, gradient in zip(names, gradients):
@@ -161,7 +183,7 @@ class FisherAccumulator:
                          "the whole model instead (slower)", exc)
                 self._whole_model_vmap = True
         with torch.no_grad():
-            logits = self._logits(self.model(**batch))
+            logits = self._logits(self._forward(batch))
         self._add_by_vmap(batch, logits, counted_rows)
 
     def _add_by_hooks(self, batch, counted_rows) -> None:
@@ -178,7 +200,7 @@ class FisherAccumulator:
                 staged[name] += values
 
         with gradients_enabled(self.parameters), ModuleCalls(self.model, self.parameters) as calls:
-            logits = _widened(self._logits(self.model(**batch)))
+            logits = _widened(self._logits(self._forward(batch)))
             objectives = self._objectives(logits, batch, counted_rows)
             for index, (objective, weights) in enumerate(objectives):
                 calls.backward(objective, retain_graph=index < len(objectives) - 1)

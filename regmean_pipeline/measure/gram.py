@@ -168,6 +168,10 @@ class GramAccumulator:
         return x.reshape(-1, x.shape[-1])
 
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        with torch.inference_mode():  # also inside a forward that records gradients (the Fisher's)
+            self._accumulate_rows(key, x)
+
+    def _accumulate_rows(self, key: str, x: torch.Tensor) -> None:
         rows = self._rows(x).detach().to(self.accumulate_dtype)  # x itself: _rows tells inputs apart by identity
         total = self._sums.get(key)
         if total is None:
@@ -271,11 +275,19 @@ def collect_grams(
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             counted_rows = batch.pop(ROW_MASK_KEY, None)
             size = batch_size_of(batch)
-            with torch.inference_mode(), acc.batch(batch.get("attention_mask"), size, counted_rows=counted_rows,
-                                                   decoder_mask=batch.get("decoder_attention_mask")):
-                if grams:
+
+            def measured(batch=batch, size=size, counted_rows=counted_rows):  # the Gram hooks on, for one forward
+                return acc.batch(batch.get("attention_mask"), size, counted_rows=counted_rows,
+                                 decoder_mask=batch.get("decoder_attention_mask"))
+
+            if fisher is None:
+                with torch.inference_mode(), measured():
                     model(**batch)
-            if fisher is not None:
+            elif grams:  # the Grams read the Fisher's own forward: one forward per batch, not two
+                fisher.add(batch, counted_rows, observe=measured)
+            else:
+                with measured():  # counts the batch
+                    pass
                 fisher.add(batch, counted_rows)
             if progress is not None:
                 progress.update(size)

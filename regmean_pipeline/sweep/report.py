@@ -20,8 +20,9 @@ def table(sweep: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     individual = sweep.get("individual_validation") or {}
     if individual:
-        lines.append("| | individual candidates | | " + " | ".join(_score(individual[t]) for t in tasks) + " | | " +
-                     ("| " if test else ""))
+        cells = ["", "individual candidates", "", *(_score(individual[t]) for t in tasks), "",
+                 *([_average(sweep.get("individual_test"))] if test else [])]
+        lines.append("| " + " | ".join(cells) + " |")
     for number, point in enumerate(sweep["points"]):
         settings = ", ".join(f"{k}={v}" for k, v in point["settings"].items()) or "defaults"
         cells = [str(number), point["method"], settings, *(_score(point["validation"][t]) for t in tasks),

@@ -96,6 +96,7 @@ def plot_scores(results: dict, path: Path | str, title: str = "Test accuracy per
     for metric in metrics:
         tasks = [t["name"] for t in results["tasks"] if metric_of(t) == metric]
         panels.append((metric, tasks, tasks + ["average"]))
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")  # one colour per method
     figure, axes_list = plt.subplots(1, len(panels), dpi=120, squeeze=False,
                                      figsize=(sum(max(7.0, 1.4 * len(g) + 1) for _, _, g in panels), 4.2))
     for axes, (metric, tasks, groups) in zip(axes_list[0], panels):
@@ -105,7 +106,7 @@ def plot_scores(results: dict, path: Path | str, title: str = "Test accuracy per
             average = (method.get("averages") or {"accuracy": method["average"]})[metric]
             values = [spec.scale * method["per_task"][t][metric] for t in tasks] + [spec.scale * average]
             positions = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(groups))]
-            bars = axes.bar(positions, values, width, label=label)
+            bars = axes.bar(positions, values, width, label=label, color=palette(i % palette.N))
             axes.bar_label(bars, labels=[f"{values[-1]:.{spec.digits}f}" if j == len(values) - 1 else ""
                                          for j in range(len(values))], fontsize=6, rotation=90, padding=2)
         axes.set_xticks(range(len(groups)), groups)
