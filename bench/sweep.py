@@ -19,30 +19,19 @@ POINTS = [{"reduce_non_diagonal_ratio": a, "gram_weighting": w} for a in (0.1, 0
 
 
 def run_points(spec: dict) -> dict:
-    """merge_child mode `regmean-points`: the shared merges of spec["points"], each into its own folder."""
+    """merge_child mode `regmean-points`: the sweep's shared merge of spec["points"], each into its own folder."""
     import torch
 
-    from regmean_pipeline.io.safetensors_io import ShardedCheckpointWriter
     from regmean_pipeline.merge.methods.registry import get_method
-    from regmean_pipeline.merge.plan import MergeSettings, SolveSettings, plan_merge
-    from regmean_pipeline.merge.shared_solves import execute_regmean_points
     from stages.merge import open_candidates
     from stages.merge_options import MergeOptions
+    from stages.sweep import merge_regmean_points
 
     started = time.perf_counter()
-    solves = [SolveSettings(p["reduce_non_diagonal_ratio"], p["gram_weighting"]) for p in spec["points"]]
-    candidates = open_candidates(MergeOptions(out="", cache_dir=spec["cache_dir"]), get_method("regmean"))
-    share = 2 * len({s.gram_weighting for s in solves}) + 1  # as the sweep sizes its batches
-    plan = plan_merge(candidates, MergeSettings([], (1 << 30) // share, solves[0], "gram"))
-    writers = []
-    for index in range(len(solves)):
-        folder = Path(spec["out"]) / f"point_{index}"
-        folder.mkdir(parents=True, exist_ok=True)
-        writers.append(ShardedCheckpointWriter(folder, plan.outputs, 5 << 30))
-    execute_regmean_points(plan, candidates, solves, [w.write for w in writers], device=torch.device("cpu"),
-                           progress=False)
-    for writer in writers:
-        writer.close()
+    options = MergeOptions(out="", cache_dir=spec["cache_dir"])
+    folders = [Path(spec["out"]) / f"point_{index}" for index in range(len(spec["points"]))]
+    merge_regmean_points(open_candidates(options, get_method("regmean")), spec["points"], options, folders,
+                         torch.device("cpu"), progress=False)
     return {"wall_s": time.perf_counter() - started}
 
 
@@ -50,26 +39,18 @@ def compare(caches: Path, root: Path, rounds: int, label: str) -> dict:
     """The N points as one sweep process against N `regmean merge` processes (their total time)."""
 
     def sweep() -> dict:
-        return spec_child("regmean-points", {"cache_dir": str(caches), "out": str(root / "sweep"), "points": POINTS},
-                          root)
+        started = time.perf_counter()
+        spec_child("regmean-points", {"cache_dir": str(caches), "out": str(root / "sweep"), "points": POINTS}, root)
+        return {"wall_s": time.perf_counter() - started}
 
     def separate() -> dict:
-        total = 0.0
+        started = time.perf_counter()
         for index, point in enumerate(POINTS):
-            started = time.perf_counter()
             spec_child("method", {"method": "regmean", "params": point, "cache_dir": str(caches),
                                   "out": str(root / f"merge_{index}")}, root)
-            total += time.perf_counter() - started
-        return {"wall_s": total}
+        return {"wall_s": time.perf_counter() - started}
 
-    def timed(run):
-        def whole() -> dict:
-            started = time.perf_counter()
-            result = run()
-            return {**result, "wall_s": time.perf_counter() - started}
-        return whole
-
-    medians = alternating_medians({"sweep": timed(sweep), "separate": timed(separate)}, rounds)
+    medians = alternating_medians({"sweep": sweep, "separate": separate}, rounds)
     return {"label": label, "points": len(POINTS), "sweep": medians["sweep"], "separate": medians["separate"]}
 
 

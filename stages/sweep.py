@@ -214,8 +214,9 @@ def _scored_points(points: list[Point], context: _Context, book: SweepBook, own:
             _score_point(points[i], keys[i], folder, context, book, own)
             bar.update()
     # the objective from the recorded scores: a rerun with another --objective needs no merge
-    return [{**book.earlier(key), "objective": objective_value(book.earlier(key)["validation"], own["validation"],
-                                                              context.options.objective)} for key in keys]
+    recorded = [book.earlier(key) for key in keys]
+    return [{**r, "objective": objective_value(r["validation"], own["validation"], context.options.objective)}
+            for r in recorded]
 
 
 def _score_point(point: Point, key: str, folder: Path, context: _Context, book: SweepBook, own: dict) -> None:
@@ -233,35 +234,41 @@ def _score_point(point: Point, key: str, folder: Path, context: _Context, book: 
 
 def _shared_regmean_merges(points: list[Point], context: _Context, scratch: Path) -> list[Path]:
     """The RegMean points merged together, reading every cache once; each into its own scratch folder."""
-    merge = context.options.merge
+    folders = [scratch / f"regmean-{i}" for i in range(len(points))]
+    merge_regmean_points(context.candidates, [p.params for p in points], context.options.merge, folders,
+                         context.device, progress=context.options.progress)
+    return folders
+
+
+def merge_regmean_points(candidates: list, params: list[dict], merge: MergeOptions, folders: list[Path], device,
+                         *, progress: bool = True) -> None:
+    """RegMean at each of ``params`` (config keys), reading every cache once: each point a model folder."""
     method = get_method("regmean")
-    solves = [solve_settings(resolve_params(method, p.params, parameter_index(), style="key")) for p in points]
+    solves = [solve_settings(resolve_params(method, p, parameter_index(), style="key")) for p in params]
     max_shard, batch_bytes = sizes(merge)
     # every weighting holds two sets of sums (at ratios 1 and 0), and one point is solved at a time
     share = 2 * len({(s.gram_weighting, s.solve_dtype) for s in solves}) + 1
     settings = MergeSettings(list(merge.exclude), max(1, batch_bytes // share), solves[0], "gram", "regmean")
     base = open_weights(resolve_model_dir(merge.base), allow_pickle=merge.allow_pickle) if merge.base else None
-    plan = plan_merge(context.candidates, settings, base=base)
-    folders = [scratch / f"regmean-{i}" for i in range(len(points))]
+    plan = plan_merge(candidates, settings, base=base)
     writers = []
     try:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             writers.append(ShardedCheckpointWriter(folder, plan.outputs, max_shard))
-        execute_regmean_points(plan, context.candidates, solves, [w.write for w in writers],
-                               device=context.device, base=base, progress=context.options.progress)
+        execute_regmean_points(plan, candidates, solves, [w.write for w in writers], device=device, base=base,
+                               progress=progress)
         for writer in writers:
             writer.close()
     except BaseException:
         for writer in writers:
             writer.abort()
         raise
-    source = resolve_model_dir(merge.base) if merge.base else context.candidates[0].model_dir
+    source = resolve_model_dir(merge.base) if merge.base else candidates[0].model_dir
     for folder in folders:
         copy_model_files(source, folder, base_dir=None if merge.base else
-                         getattr(context.candidates[0].weights, "base_dir", None))
-    return folders
+                         getattr(candidates[0].weights, "base_dir", None))
 
 
 def _publish_best(best: dict, sweep: dict, context: _Context, out: Path) -> str:

@@ -113,6 +113,29 @@ def test_grams_read_from_the_fishers_forward_equal_a_gram_pass(kind, estimator):
         assert torch.equal(both.sums[key], alone.sums[key]), key
 
 
+def test_grams_count_a_batch_once_when_the_fisher_falls_back_to_vmap(monkeypatch):
+    """A batch-shared input is found after the hooks' forward, which the Grams already read: the vmap
+    forward that follows must not add the batch again."""
+    from regmean_pipeline.measure.gram import collect_grams
+    from regmean_pipeline.measure.per_example import BatchSharedInput
+
+    model = make_model("bert", seed=5)
+    batches = [batch_of(model, [7, 4, 6, 2], seed=1), batch_of(model, [3, 5], seed=2)]
+    alone = collect_grams(model, batches, device="cpu")
+    by_hooks = FisherAccumulator._add_by_hooks
+
+    def hooks_then_shared(self, *args):
+        by_hooks(self, *args)
+        raise BatchSharedInput("a module on an input the batch shares")
+
+    monkeypatch.setattr(FisherAccumulator, "_add_by_hooks", hooks_then_shared)
+    fisher = FisherAccumulator(model, estimator="per-example")
+    both = collect_grams(model, batches, device="cpu", fisher=fisher)
+    assert fisher._whole_model_vmap and both.examples == alone.examples == 6 and both.tokens == alone.tokens
+    for key in alone.sums:
+        assert torch.equal(both.sums[key], alone.sums[key]), key
+
+
 def test_per_example_lm_fisher_counts_only_the_counted_tokens():
     model = make_model("llama_causal", seed=4).double()
     batch = batch_of(model, [9, 5, 7], seed=3)

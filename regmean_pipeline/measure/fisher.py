@@ -73,7 +73,6 @@ class FisherAccumulator:
         self._causal: bool | None = None
         self._whole_model_vmap = False  # per-module hooks unless a module sees a batch-shared input
         self._positions: bool | None = None  # whether explicit position ids reproduce the model's own
-        self._observe: Callable[[], AbstractContextManager] | None = None
 
     def restore(self, stats: FisherStats, device: torch.device | str) -> None:
         unknown = sorted(set(stats.sums) - set(self.parameters))
@@ -94,11 +93,10 @@ class FisherAccumulator:
         ``observe``: a context entered around this batch's one forward pass over the whole batch (the Gram
         hooks, so that both statistics come from one forward)."""
         size = len(next(iter(batch.values())))
-        self._observe = observe
         if self.estimator == "batch":
-            self._add_batch_gradient(batch, counted_rows)
+            self._add_batch_gradient(batch, counted_rows, observe)
         else:
-            self._add_per_example(batch, counted_rows)
+            self._add_per_example(batch, counted_rows, observe)
         self.examples += size
         self._check_finite()
 
@@ -114,9 +112,8 @@ class FisherAccumulator:
                 raise RegMeanError(f"parameter {name}: its Fisher sum overflowed or holds NaN; try --dtype float32 "
                                    "or --accumulate-dtype float64")
 
-    def _forward(self, inputs: Mapping[str, torch.Tensor]):
-        """The model on the whole batch; the first such forward of a batch runs inside ``observe``."""
-        observe, self._observe = self._observe, None
+    def _forward(self, inputs: Mapping[str, torch.Tensor], observe: Callable[[], AbstractContextManager] | None):
+        """The model on the whole batch, inside ``observe`` where given."""
         with observe() if observe is not None else contextlib.nullcontext():
             return self.model(**inputs)
 
@@ -152,10 +149,10 @@ class FisherAccumulator:
             total.add_(squares)
 
     # FusionBench's estimator: one gradient per batch, squared.
-    def _add_batch_gradient(self, batch, counted_rows) -> None:
+    def _add_batch_gradient(self, batch, counted_rows, observe) -> None:
         names = list(self.parameters)
         with gradients_enabled(self.parameters):
-            logits = _widened(self._logits(self._forward(batch)))
+            logits = _widened(self._logits(self._forward(batch, observe)))
             objective = self._batch_objective(logits, batch, counted_rows)
             gradients = torch.autograd.grad(objective, [self.parameters[n] for n in names], allow_unused=True)
         for name, gradient in zip(names, gradients):
@@ -171,22 +168,23 @@ class FisherAccumulator:
         return token_log_likelihood(logits, batch["input_ids"], _counted(batch, counted_rows)).sum()
 
     # Matena & Raffel's estimator: each example's own gradient, squared, then summed.
-    def _add_per_example(self, batch, counted_rows) -> None:
+    def _add_per_example(self, batch, counted_rows, observe) -> None:
         """By per-module hooks on one batched pass (measure/per_example.py); by ``vmap`` over the whole model
         when some module sees an input the batch shares."""
         if not self._whole_model_vmap:
             try:
-                self._add_by_hooks(batch, counted_rows)
+                self._add_by_hooks(batch, counted_rows, observe)
                 return
-            except BatchSharedInput as exc:
+            except BatchSharedInput as exc:  # raised after the forward: ``observe`` has seen this batch
                 log.info("Fisher: %s is called on an input the batch shares; per-example gradients by vmap over "
                          "the whole model instead (slower)", exc)
                 self._whole_model_vmap = True
+                observe = None
         with torch.no_grad():
-            logits = self._logits(self._forward(batch))
+            logits = self._logits(self._forward(batch, observe))
         self._add_by_vmap(batch, logits, counted_rows)
 
-    def _add_by_hooks(self, batch, counted_rows) -> None:
+    def _add_by_hooks(self, batch, counted_rows, observe) -> None:
         batch = self._with_positions(batch)
         staged: dict[str, torch.Tensor] = {}
 
@@ -200,7 +198,7 @@ class FisherAccumulator:
                 staged[name] += values
 
         with gradients_enabled(self.parameters), ModuleCalls(self.model, self.parameters) as calls:
-            logits = _widened(self._logits(self._forward(batch)))
+            logits = _widened(self._logits(self._forward(batch, observe)))
             objectives = self._objectives(logits, batch, counted_rows)
             for index, (objective, weights) in enumerate(objectives):
                 calls.backward(objective, retain_graph=index < len(objectives) - 1)

@@ -167,11 +167,8 @@ class GramAccumulator:
             return x[mask].reshape(-1, x.shape[-1])
         return x.reshape(-1, x.shape[-1])
 
+    @torch.inference_mode()  # also inside a forward that records gradients (the Fisher's)
     def _accumulate(self, key: str, x: torch.Tensor) -> None:
-        with torch.inference_mode():  # also inside a forward that records gradients (the Fisher's)
-            self._accumulate_rows(key, x)
-
-    def _accumulate_rows(self, key: str, x: torch.Tensor) -> None:
         rows = self._rows(x).detach().to(self.accumulate_dtype)  # x itself: _rows tells inputs apart by identity
         total = self._sums.get(key)
         if total is None:
